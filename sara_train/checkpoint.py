@@ -1,0 +1,85 @@
+"""Streaming merge of SaRA deltas into a single-file ``.safetensors`` checkpoint.
+
+The output keeps the input's header (same dtypes, shapes, offsets) plus merge metadata. Tensor
+bytes are copied through in chunks; only tensors a delta touches are materialised, one at a time,
+so peak memory is about the largest touched tensor plus the delta, never the whole checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .delta import SparseDelta, add_sparse_, check_layer_fits, load_deltas
+from .errors import DeltaMismatchError, SaRAError
+from .files import SAFETENSORS_DTYPES, atomic_output, read_safetensors_header
+from .keys import resolve_keys
+
+COPY_CHUNK_BYTES = 64 * 1024 * 1024
+
+
+def merge_checkpoint(ckpt_in: str | os.PathLike,
+                     delta: SparseDelta | str | os.PathLike | Sequence[SparseDelta | str | os.PathLike],
+                     ckpt_out: str | os.PathLike, strength: float | Sequence[float] = 1.0,
+                     check_base: bool = True) -> Path:
+    """Write ``ckpt_out`` = ``ckpt_in`` with ``strength * delta`` added; atomically.
+
+    ``delta`` is one delta or a list (objects or file paths), ``strength`` one number or one per
+    delta. Delta keys are matched to checkpoint keys exactly or via one prefix (a delta trained on
+    ComfyUI's ``diffusion_model.*`` or a bare UNet merges into ``model.diffusion_model.*``).
+    Raises ``DeltaMismatchError`` (keys, shapes, base weights) or ``SaRAError`` (bad files) before
+    anything is written; on any failure ``ckpt_out`` is not created or changed.
+    """
+    items = list(delta) if isinstance(delta, (list, tuple)) else [delta]
+    strengths = list(strength) if isinstance(strength, (list, tuple)) else [float(strength)] * len(items)
+    combined = SparseDelta.stack(load_deltas(items), strengths, check_base=check_base)
+    header = read_safetensors_header(ckpt_in)
+    mapping = resolve_keys(combined.layers, header.tensors, f"checkpoint {ckpt_in}")
+    by_checkpoint_key = {ckpt_key: combined.layers[key] for key, ckpt_key in mapping.items()}
+    for ckpt_key, layer in by_checkpoint_key.items():
+        entry = header.tensors[ckpt_key]
+        if entry.dtype not in ("F32", "F16", "BF16", "F64"):
+            raise DeltaMismatchError(f"checkpoint tensor {ckpt_key!r} has dtype {entry.dtype}, not a float")
+        if entry.shape != tuple(layer.shape):
+            raise DeltaMismatchError(f"delta layer for {ckpt_key!r} has shape {layer.shape} but "
+                                     f"{ckpt_in} has {entry.shape}: the delta is for another model")
+    metadata = dict(header.metadata)
+    metadata["sara_merged"] = json.dumps({"base_fingerprint": combined.base_fingerprint,
+                                          "strengths": strengths, "entries": combined.num_entries})
+    raw_header = {name: {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
+                  for name, e in header.tensors.items()}
+    raw_header["__metadata__"] = metadata
+    header_bytes = json.dumps(raw_header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    with atomic_output(ckpt_out) as temp, open(header.path, "rb") as source, open(temp, "wb") as out:
+        out.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
+        position = 0
+        for name, entry in header.tensors.items():
+            if entry.begin != position:
+                raise SaRAError(f"{ckpt_in}: tensor {name!r} does not start where the previous one ends")
+            source.seek(header.data_start + entry.begin)
+            layer = by_checkpoint_key.get(name)
+            if layer is None:
+                _copy_bytes(source, out, entry.end - entry.begin)
+            else:
+                buffer = bytearray(source.read(entry.end - entry.begin))
+                dtype = SAFETENSORS_DTYPES[entry.dtype]
+                tensor = torch.frombuffer(buffer, dtype=dtype).view(entry.shape) if buffer else torch.empty(entry.shape, dtype=dtype)
+                check_layer_fits(name, layer, tensor, check_base)
+                add_sparse_(tensor, layer, 1.0)
+                out.write(buffer)
+            position = entry.end
+    return Path(ckpt_out)
+
+
+def _copy_bytes(source, out, count: int) -> None:
+    while count > 0:
+        chunk = source.read(min(COPY_CHUNK_BYTES, count))
+        if not chunk:
+            raise SaRAError(f"{source.name} ended early while copying tensor data")
+        out.write(chunk)
+        count -= len(chunk)

@@ -1,0 +1,62 @@
+"""SaRAConfig: which weights SaRA trains and how they are selected."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import SaRAError
+
+DEFAULT_BUDGET = 0.05
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.RMSNorm,
+)
+
+
+@dataclass
+class SaRAConfig:
+    """Hyperparameters of the sparse selection.
+
+    Exactly one of ``threshold`` and ``budget`` may be set; with neither, ``budget=0.05``.
+    """
+
+    threshold: float | None = None
+    """Train the entries with ``|w| < threshold`` (an absolute magnitude)."""
+    budget: float | int | None = None
+    """Train the smallest-magnitude entries: a float in (0, 1] is a fraction of all targeted
+    entries, an int >= 1 a count. Solved exactly (global k-th smallest |w|)."""
+    target_types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    """Module types whose ``weight`` is targeted."""
+    include: list[str] = field(default_factory=list)
+    """Regexes (``re.search``) on module names; if given, only matching modules are targeted."""
+    exclude: list[str] = field(default_factory=list)
+    """Regexes on module names; matching modules are never targeted."""
+    include_bias: bool = False
+    """Also target the ``bias`` of targeted modules."""
+    include_norm: bool = False
+    """Also target ``weight`` and ``bias`` of normalisation layers (LayerNorm, GroupNorm, ...)."""
+    values_dtype: torch.dtype = torch.float32
+    """Dtype of the trainable values (fp32 masters by default, whatever the weights' dtype)."""
+    probe_size: int = 4
+    """Largest-|w| entries per weight recorded as the base fingerprint of a delta."""
+
+    def __post_init__(self) -> None:
+        if self.threshold is not None and self.budget is not None:
+            raise SaRAError("SaRAConfig: give either threshold or budget, not both")
+        if self.threshold is None and self.budget is None:
+            self.budget = DEFAULT_BUDGET
+        if self.threshold is not None and not self.threshold > 0:
+            raise SaRAError(f"SaRAConfig: threshold must be > 0, got {self.threshold}")
+        if self.budget is not None:
+            if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
+                raise SaRAError(f"SaRAConfig: budget must be a number, got {self.budget!r}")
+            if isinstance(self.budget, float) and not 0.0 < self.budget <= 1.0:
+                raise SaRAError(f"SaRAConfig: a fractional budget must be in (0, 1], got {self.budget}")
+            if isinstance(self.budget, int) and self.budget < 1:
+                raise SaRAError(f"SaRAConfig: a count budget must be >= 1, got {self.budget}")
+        if not self.values_dtype.is_floating_point:
+            raise SaRAError(f"SaRAConfig: values_dtype must be a float dtype, got {self.values_dtype}")
+        if self.probe_size < 1:
+            raise SaRAError(f"SaRAConfig: probe_size must be >= 1, got {self.probe_size}")

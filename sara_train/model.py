@@ -1,0 +1,197 @@
+"""Injection: turn chosen weights of any ``nn.Module`` into sparse-trainable ones, and back.
+
+``inject(model, config)`` returns a ``SaRAHandle``, the one object a training loop talks to:
+``parameters()`` for the optimizer, ``rank_loss()``, ``reselect()``, ``delta()``, ``remove()``.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from .config import SaRAConfig
+from .delta import LayerDelta, SparseDelta
+from .errors import SaRAError
+from .rank_loss import nuclear_norm, nuclear_norm_and_grad
+from .selection import Target, find_targets, select_entries
+from .sparse import SparseUpdate
+
+
+def inject(model: nn.Module, config: SaRAConfig | None = None) -> SaRAHandle:
+    """Make the smallest-|w| entries of ``model``'s targeted weights trainable, in place.
+
+    Every parameter of ``model`` gets ``requires_grad=False``; only the handle's sparse values
+    train. The model stays a plain module with the same forward; ``handle.remove()`` undoes it all.
+    """
+    config = config or SaRAConfig()
+    targets = find_targets(model, config)
+    for target in targets:
+        if parametrize.is_parametrized(target.module, target.param_name):
+            raise SaRAError(f"{target.name} is already parametrized (SaRA injected twice?)")
+    weights = {t.name: getattr(t.module, t.param_name) for t in targets}
+    threshold, flat_indices = select_entries(weights, config)
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.requires_grad_(False)
+    layers: dict[str, tuple[Target, SparseUpdate]] = {}
+    for target in targets:
+        if target.name not in flat_indices:
+            continue
+        update = SparseUpdate(weights[target.name], flat_indices[target.name],
+                              config.values_dtype, config.probe_size)
+        parametrize.register_parametrization(target.module, target.param_name, update, unsafe=True)
+        layers[target.name] = (target, update)
+    handle = SaRAHandle(model, config, threshold, layers, requires_grad)
+    handle.num_targeted = sum(w.numel() for w in weights.values())
+    return handle
+
+
+class SaRAHandle:
+    """Live SaRA state of one model. ``layers`` maps weight key -> ``SparseUpdate``."""
+
+    def __init__(self, model: nn.Module, config: SaRAConfig, threshold: float,
+                 layers: dict[str, tuple[Target, SparseUpdate]], requires_grad: dict[str, bool]) -> None:
+        self.model = model
+        self.config = config
+        self.threshold = threshold
+        self._targets = {name: target for name, (target, _) in layers.items()}
+        self.layers: dict[str, SparseUpdate] = {name: update for name, (_, update) in layers.items()}
+        self._requires_grad = requires_grad
+        self._rank_cursor = 0
+        self._pending_swaps: dict[int, tuple[nn.Parameter, nn.Parameter, torch.Tensor]] = {}
+        self._step_hook = None
+        self.removed = False
+        self.num_targeted = 0
+        """Entries of all targeted weights (the denominator of a fractional budget)."""
+
+    # ----------------------------------------------------------------- parameters
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """``(weight key, values)`` for every layer: the only trainable tensors."""
+        for name, update in self.layers.items():
+            yield name, update.values
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        for _, values in self.named_parameters():
+            yield values
+
+    @property
+    def num_trainable(self) -> int:
+        return sum(update.values.numel() for update in self.layers.values())
+
+
+    def _weight(self, name: str) -> torch.Tensor:
+        target = self._targets[name]
+        return target.module.parametrizations[target.param_name].original
+
+    # ----------------------------------------------------------------- rank loss
+    def _rank_layers(self, layers_per_step: int | None) -> tuple[list[SparseUpdate], float]:
+        """The layers whose rank loss is taken this call, and the factor that keeps the expected
+        total unchanged when only ``layers_per_step`` layers (round-robin) are taken."""
+        active = [update for update in self.layers.values() if update.values.numel()]
+        if not layers_per_step or layers_per_step >= len(active):
+            return active, 1.0
+        start = self._rank_cursor % len(active)
+        chosen = (active + active)[start:start + layers_per_step]
+        self._rank_cursor = start + layers_per_step
+        return chosen, len(active) / layers_per_step
+
+    def rank_loss(self, layers_per_step: int | None = None) -> torch.Tensor:
+        """Sum of the nuclear norms ``||ΔP||_*`` of the layers' sparse updates (0-d fp32 tensor,
+        differentiable to the values). ``layers_per_step`` takes that many layers per call in
+        rotation, scaled by ``n_layers / layers_per_step``, to bound the cost of one step."""
+        chosen, scale = self._rank_layers(layers_per_step)
+        if not chosen:
+            return torch.zeros((), requires_grad=False)
+        return scale * torch.stack([nuclear_norm(update) for update in chosen]).sum()
+
+    @torch.no_grad()
+    def add_rank_loss_grad(self, weight: float, layers_per_step: int | None = None) -> torch.Tensor:
+        """Add ``weight * d rank_loss / d values`` to the values' ``.grad`` without building a graph
+        (what ``SaRAAdamW`` does each step). Returns the (scaled) rank loss value."""
+        chosen, scale = self._rank_layers(layers_per_step)
+        total = torch.zeros(())
+        for update in chosen:
+            norm, grad = nuclear_norm_and_grad(update)
+            total += scale * norm.cpu()
+            grad = (weight * scale) * grad.to(update.values.dtype)
+            if update.values.grad is None:
+                update.values.grad = grad
+            else:
+                update.values.grad += grad
+        return total
+
+    # ----------------------------------------------------------------- progressive step
+    @torch.no_grad()
+    def reselect(self, optimizer: torch.optim.Optimizer | None = None) -> int:
+        """Progressive step: keep training only the entries whose current |value| is still below
+        the threshold; the others are frozen with their learned values. Returns the number of
+        entries still trainable.
+
+        Each layer's values become a new, smaller Parameter (call ``parameters()`` again). Optimizer
+        state (e.g. Adam moments) of the kept entries is kept: pass ``optimizer`` to move it now;
+        without it, any torch optimizer holding the old values swaps them for the new ones, with
+        sliced state, just before its next ``step()``. Under DDP, wrap the model again afterwards.
+        """
+        for name, update in self.layers.items():
+            old = update.values
+            keep = update.reselect(self._weight(name), self.threshold)
+            if optimizer is not None:
+                swap_optimizer_param(optimizer, old, update.values, keep)
+            else:
+                self._pending_swaps[id(old)] = (old, update.values, keep)
+        if self._pending_swaps and self._step_hook is None:
+            self._step_hook = register_optimizer_step_pre_hook(self._swap_pending)
+        return self.num_trainable
+
+    def _swap_pending(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        for group in optimizer.param_groups:
+            for param in list(group["params"]):
+                pending = self._pending_swaps.pop(id(param), None)
+                if pending is not None and pending[0] is param:
+                    swap_optimizer_param(optimizer, *pending)
+
+    # ----------------------------------------------------------------- results
+    @torch.no_grad()
+    def delta(self, dtype: torch.dtype = torch.float32, metadata: dict[str, str] | None = None) -> SparseDelta:
+        """The learned update ΔP of every layer (trainable and frozen entries) as a ``SparseDelta``."""
+        layers = {}
+        for name, update in self.layers.items():
+            indices, deltas = update.sparse_delta()
+            layers[name] = LayerDelta(update.shape, indices.cpu(), deltas.to(dtype).cpu(),
+                                      update.probe_indices.cpu(), update.probe_values.cpu())
+        selection = {"threshold": self.threshold, "budget": self.config.budget}
+        return SparseDelta(layers, selection, metadata)
+
+    @torch.no_grad()
+    def remove(self) -> None:
+        """Merge the learned update into the weights and restore plain modules (same parameter
+        objects, original ``requires_grad`` flags). The handle is unusable afterwards."""
+        if self.removed:
+            return
+        for name, update in self.layers.items():
+            target = self._targets[name]
+            update._synced_version = None
+            update.write_values_into(self._weight(name))
+            parametrize.remove_parametrizations(target.module, target.param_name, leave_parametrized=False)
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(self._requires_grad.get(name, param.requires_grad))
+        if self._step_hook is not None:
+            self._step_hook.remove()
+        self.layers = {}
+        self.removed = True
+
+
+def swap_optimizer_param(optimizer: torch.optim.Optimizer, old: torch.Tensor, new: torch.Tensor,
+                         keep: torch.Tensor) -> None:
+    """Replace ``old`` by ``new`` (= ``old[keep]``) in ``optimizer``'s groups and move its state,
+    slicing per-entry state tensors (shape ``old.shape``) with ``keep``; scalar state such as
+    Adam's ``step`` is kept as is. A no-op if ``optimizer`` does not hold ``old``."""
+    for group in optimizer.param_groups:
+        group["params"] = [new if param is old else param for param in group["params"]]
+    state = optimizer.state.pop(old, None)
+    if state:
+        optimizer.state[new] = {
+            key: value[keep.to(value.device)] if torch.is_tensor(value) and value.shape == old.shape else value
+            for key, value in state.items()}

@@ -1,0 +1,122 @@
+"""The sparse-trainable weight: unstructural backpropagation for one tensor.
+
+``SparseUpdate`` is a ``torch.nn.utils.parametrize`` parametrization. The module keeps its own
+weight tensor (frozen, original dtype); the trainable entries live in ``values``, a separate leaf
+of shape ``[k]`` (fp32 masters by default). Before a forward, the current ``values`` are written
+into the weight at ``flat_indices`` (only when they changed since the last write, so gradient
+checkpointing and gradient accumulation never touch a weight that autograd saved). The weight is
+then passed on as an alias, no copy. In backward the layer's usual weight gradient is formed for
+this one layer only, and ``_SparseWeight.backward`` keeps just the ``k`` selected entries of it:
+no dense gradient or optimizer state outlives the layer being back-propagated.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import SaRAError
+
+
+class _SparseWeight(torch.autograd.Function):
+    """``weight`` (already holding ``values`` at ``flat_indices``) as an alias whose gradient
+    flows to ``values`` only: ``grad_values = grad_weight.flatten()[flat_indices]``."""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, weight: torch.Tensor, flat_indices: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(flat_indices)
+        ctx.values_dtype = values.dtype
+        return weight.view_as(weight)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_weight: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (flat_indices,) = ctx.saved_tensors
+        grad_values = grad_weight.reshape(-1).index_select(0, flat_indices).to(ctx.values_dtype)
+        return grad_values, None, None
+
+
+def _empty_like_indices(device: torch.device) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.int32, device=device)
+
+
+class SparseUpdate(nn.Module):
+    """Parametrization of one weight whose entries at ``flat_indices`` are trained.
+
+    Buffers (all 1-D, ``k`` = trainable entries, ``f`` = learned entries frozen by re-selection):
+      flat_indices  int32 [k]  sorted row-major positions of the trainable entries
+      base_values   [k]        the pretrained values there (weight dtype)
+      frozen_indices int32 [f], frozen_delta fp32 [f]: learned updates no longer trained
+      probe_indices int32 [p], probe_values fp32 [p]: largest-|w| entries of the base weight
+        (never selected), the fingerprint a delta carries to recognise its base model
+    Parameter:
+      values        [k]        current values of the trainable entries (``values_dtype``)
+    """
+
+    def __init__(self, weight: torch.Tensor, flat_indices: torch.Tensor,
+                 values_dtype: torch.dtype = torch.float32, probe_size: int = 4) -> None:
+        super().__init__()
+        if not weight.is_contiguous():
+            raise SaRAError("SaRA needs contiguous weights (got a non-contiguous tensor, e.g. "
+                            "channels_last); call model.to(memory_format=torch.contiguous_format)")
+        flat = weight.detach().reshape(-1)
+        self.shape = tuple(weight.shape)
+        self.register_buffer("flat_indices", flat_indices.to(device=weight.device, dtype=torch.int32))
+        self.register_buffer("base_values", flat[self.flat_indices].clone())
+        self.values = nn.Parameter(self.base_values.to(values_dtype, copy=True))
+        self.register_buffer("frozen_indices", _empty_like_indices(weight.device))
+        self.register_buffer("frozen_delta", torch.empty(0, dtype=torch.float32, device=weight.device))
+        largest = flat.abs().float().topk(min(probe_size + self.flat_indices.numel(), flat.numel())).indices
+        largest = largest[~torch.isin(largest, self.flat_indices.long())][:probe_size]
+        probe_indices = largest.sort().values
+        self.register_buffer("probe_indices", probe_indices.to(torch.int32))
+        self.register_buffer("probe_values", flat[probe_indices].float())
+        self._synced_version: int | None = None
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.values.numel() == 0:
+            return weight  # nothing trainable left: no weight gradient is computed at all
+        self.write_values_into(weight)
+        return _SparseWeight.apply(self.values, weight, self.flat_indices)
+
+    @torch.no_grad()
+    def write_values_into(self, weight: torch.Tensor) -> None:
+        """Copy ``values`` into ``weight`` at ``flat_indices`` if they changed since last time."""
+        if self.values._version == self._synced_version:
+            return
+        weight.view(-1)[self.flat_indices] = self.values.detach().to(weight.dtype)
+        self._synced_version = self.values._version
+
+    def delta_values(self) -> torch.Tensor:
+        """``values - base_values`` in fp32, shape [k], differentiable to ``values``."""
+        return self.values.float() - self.base_values.float()
+
+    @torch.no_grad()
+    def sparse_delta(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All learned updates of this weight: ``(flat_indices int32 sorted, delta fp32)``."""
+        indices = torch.cat([self.flat_indices, self.frozen_indices])
+        deltas = torch.cat([self.delta_values(), self.frozen_delta])
+        order = indices.argsort()
+        return indices[order], deltas[order]
+
+    @torch.no_grad()
+    def reselect(self, weight: torch.Tensor, threshold: float) -> torch.Tensor:
+        """Progressive step: keep training the entries with ``|value| < threshold``; freeze the rest
+        with their learned values (they stay in ``weight`` and in ``frozen_delta``).
+
+        ``values`` becomes a new, smaller Parameter (its ``.grad`` sliced likewise); the caller
+        moves optimizer state over. Returns the bool keep-mask over the old ``values`` ([k_old]).
+        """
+        self._synced_version = None
+        self.write_values_into(weight)
+        old = self.values
+        keep = old.detach().abs() < threshold
+        drop = ~keep
+        self.frozen_indices = torch.cat([self.frozen_indices, self.flat_indices[drop]])
+        self.frozen_delta = torch.cat([self.frozen_delta, self.delta_values().detach()[drop]])
+        self.flat_indices = self.flat_indices[keep]
+        self.base_values = self.base_values[keep]
+        self.values = nn.Parameter(old.detach()[keep].clone(), requires_grad=old.requires_grad)
+        if old.grad is not None:
+            self.values.grad = old.grad[keep]
+        self._synced_version = self.values._version
+        return keep
