@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -230,7 +230,10 @@ class SparseDelta:
         }
         path = Path(path)
         with atomic_output(path) as temp:
-            save_file(tensors, str(temp), metadata=metadata)
+            try:
+                save_file(tensors, str(temp), metadata=metadata)
+            except SafetensorError as exc:  # e.g. disk full: surfaced by safetensors, not as OSError
+                raise OSError(f"could not write {path}: {exc}; the previous file, if any, is unchanged") from exc
         return path
 
     @classmethod

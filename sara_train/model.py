@@ -28,9 +28,6 @@ def inject(model: nn.Module, config: SaRAConfig | None = None) -> SaRAHandle:
     """
     config = config or SaRAConfig()
     targets = find_targets(model, config)
-    for target in targets:
-        if parametrize.is_parametrized(target.module, target.param_name):
-            raise SaRAError(f"{target.name} is already parametrized (SaRA injected twice?)")
     weights = {t.name: getattr(t.module, t.param_name) for t in targets}
     threshold, flat_indices = select_entries(weights, config)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -127,7 +124,7 @@ class SaRAHandle:
     def reselect(self, optimizer: torch.optim.Optimizer | None = None) -> int:
         """Progressive step: keep training only the entries whose current |value| is still below
         the threshold; the others are frozen with their learned values. Returns the number of
-        entries still trainable.
+        entries still trainable. Call it between ``optimizer.step()`` and the next backward.
 
         Each layer's values become a new, smaller Parameter (call ``parameters()`` again). Optimizer
         state (e.g. Adam moments) of the kept entries is kept: pass ``optimizer`` to move it now;

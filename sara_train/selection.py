@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .config import NORM_TYPES, SaRAConfig
 from .errors import SaRAError
@@ -51,6 +52,8 @@ def find_targets(model: nn.Module, config: SaRAConfig) -> list[Target]:
         else:
             continue
         for param_name in param_names:
+            if parametrize.is_parametrized(module, param_name):
+                raise SaRAError(f"{module_name}.{param_name} is already parametrized (SaRA injected twice?)")
             param = module._parameters.get(param_name)
             if param is None or id(param) in seen or not param.is_floating_point():
                 continue

@@ -103,8 +103,9 @@ class SparseUpdate(nn.Module):
         """Progressive step: keep training the entries with ``|value| < threshold``; freeze the rest
         with their learned values (they stay in ``weight`` and in ``frozen_delta``).
 
-        ``values`` becomes a new, smaller Parameter (its ``.grad`` sliced likewise); the caller
-        moves optimizer state over. Returns the bool keep-mask over the old ``values`` ([k_old]).
+        ``values`` becomes a new, smaller Parameter without a gradient (call this after an
+        optimizer step); the caller moves optimizer state over. Returns the bool keep-mask over
+        the old ``values`` ([k_old]).
         """
         self._synced_version = None
         self.write_values_into(weight)
@@ -116,7 +117,5 @@ class SparseUpdate(nn.Module):
         self.flat_indices = self.flat_indices[keep]
         self.base_values = self.base_values[keep]
         self.values = nn.Parameter(old.detach()[keep].clone(), requires_grad=old.requires_grad)
-        if old.grad is not None:
-            self.values.grad = old.grad[keep]
         self._synced_version = self.values._version
         return keep

@@ -1,0 +1,76 @@
+"""Nuclear-norm loss: value and gradient against autograd through torch.linalg.svdvals."""
+import pytest
+import torch
+from torch import nn
+
+import sara_train
+from sara_train.rank_loss import dense_update, nuclear_norm_and_grad
+
+
+def perturbed_handle(module: nn.Module, seed: int = 0) -> sara_train.SaRAHandle:
+    handle = sara_train.inject(module, sara_train.SaRAConfig(budget=0.3))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in handle.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.1)
+    return handle
+
+
+@pytest.mark.parametrize("module", [nn.Linear(9, 6), nn.Linear(5, 12), nn.Conv2d(4, 7, 3)],
+                         ids=["wide", "tall", "conv"])
+def test_rank_loss_matches_svdvals_autograd(module: nn.Module) -> None:
+    torch.manual_seed(0)
+    handle = perturbed_handle(module)
+    (update,) = handle.layers.values()
+    values = update.values
+    loss = handle.rank_loss()
+    (grad,) = torch.autograd.grad(loss, values)
+
+    reference_values = values.detach().clone().requires_grad_(True)
+    dense = torch.zeros(update.shape).flatten().index_put((update.flat_indices.long(),),
+                                                          reference_values - update.base_values)
+    reference = torch.linalg.svdvals(dense.view(update.shape[0], -1)).sum()
+    (reference_grad,) = torch.autograd.grad(reference, reference_values)
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, reference_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_large_layer_in_float32_is_accurate() -> None:
+    torch.manual_seed(0)
+    handle = perturbed_handle(nn.Linear(2200, 2000))  # > FLOAT64_UP_TO entries: float32 Gram path
+    (update,) = handle.layers.values()
+    norm, grad = nuclear_norm_and_grad(update)
+    matrix = dense_update(update, torch.float64)
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    torch.testing.assert_close(norm.double(), s.sum(), rtol=1e-4, atol=0)
+    expected = (u @ vh).flatten()[update.flat_indices.long()]
+    assert float((grad.double() - expected).norm() / expected.norm()) < 1e-3
+
+
+def test_zero_update_has_zero_loss_and_gradient() -> None:
+    handle = sara_train.inject(nn.Linear(6, 4), sara_train.SaRAConfig(budget=0.5))
+    loss = handle.rank_loss()
+    (grad,) = torch.autograd.grad(loss, next(handle.parameters()))
+    assert loss.item() == 0.0 and not grad.any()
+
+
+def test_layers_per_step_rotates_and_keeps_the_expected_total() -> None:
+    torch.manual_seed(0)
+    handle = perturbed_handle(nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 7), nn.Linear(7, 4)))
+    full = float(handle.rank_loss())
+    per_layer = [float(nuclear_norm_and_grad(u)[0]) for u in handle.layers.values()]
+    partial = [float(handle.rank_loss(layers_per_step=1)) for _ in range(3)]
+    torch.testing.assert_close(torch.tensor(partial), 3 * torch.tensor(per_layer))
+    torch.testing.assert_close(sum(partial) / 3, full, rtol=1e-6, atol=1e-6)
+
+
+def test_add_rank_loss_grad_equals_autograd_of_rank_loss() -> None:
+    torch.manual_seed(0)
+    handle = perturbed_handle(nn.Sequential(nn.Linear(6, 5), nn.Conv1d(5, 3, 2)))
+    (0.5 * handle.rank_loss()).backward()
+    expected = [p.grad.clone() for p in handle.parameters()]
+    for p in handle.parameters():
+        p.grad = None
+    handle.add_rank_loss_grad(0.5)
+    for p, e in zip(handle.parameters(), expected):
+        torch.testing.assert_close(p.grad, e)
