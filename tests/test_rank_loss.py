@@ -57,9 +57,9 @@ def test_zero_update_has_zero_loss_and_gradient() -> None:
 def test_layers_per_step_rotates_and_keeps_the_expected_total() -> None:
     torch.manual_seed(0)
     handle = perturbed_handle(nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 7), nn.Linear(7, 4)))
-    full = float(handle.rank_loss())
+    full = handle.rank_loss().item()
     per_layer = [float(nuclear_norm_and_grad(u)[0]) for u in handle.layers.values()]
-    partial = [float(handle.rank_loss(layers_per_step=1)) for _ in range(3)]
+    partial = [handle.rank_loss(layers_per_step=1).item() for _ in range(3)]
     torch.testing.assert_close(torch.tensor(partial), 3 * torch.tensor(per_layer))
     torch.testing.assert_close(sum(partial) / 3, full, rtol=1e-6, atol=1e-6)
 
