@@ -65,9 +65,10 @@ class SparseUpdate(nn.Module):
         self.values = nn.Parameter(self.base_values.to(values_dtype, copy=True))
         self.register_buffer("frozen_indices", _empty_like_indices(weight.device))
         self.register_buffer("frozen_delta", torch.empty(0, dtype=torch.float32, device=weight.device))
-        largest = flat.abs().float().topk(min(probe_size + self.flat_indices.numel(), flat.numel())).indices
-        largest = largest[~torch.isin(largest, self.flat_indices.long())][:probe_size]
-        probe_indices = largest.sort().values
+        magnitudes = flat.abs().float()
+        magnitudes[self.flat_indices] = -1.0  # trained entries are never probes
+        unselected = flat.numel() - self.flat_indices.numel()
+        probe_indices = magnitudes.topk(min(probe_size, unselected)).indices.sort().values
         self.register_buffer("probe_indices", probe_indices.to(torch.int32))
         self.register_buffer("probe_values", flat[probe_indices].float())
         self._synced_version: int | None = None

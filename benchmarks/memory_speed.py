@@ -1,0 +1,196 @@
+"""Peak memory and step time of SaRA vs other ways to fine-tune the SD1.5 UNet.
+
+    python benchmarks/memory_speed.py                      # CPU setting: batch 2, 32x32 latents
+    python benchmarks/memory_speed.py --setting realistic  # batch 4, 64x64 latents (use a GPU)
+
+Every method runs in its own process on a diffusers ``UNet2DConditionModel`` with the SD1.5
+configuration and random weights. Peak memory is the peak RSS of the training loop on CPU (the
+kernel's VmHWM, reset after the model is built) or ``torch.cuda.max_memory_allocated`` on GPU.
+The "floor" back-propagates through the frozen UNet to its input with nothing trainable: what any
+adapter pays anyway. Overhead = peak - floor peak.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SETTINGS = {"cpu": (2, 32), "realistic": (4, 64)}
+METHODS = ["floor", "sara", "lora", "supertuning", "masked_dense", "full"]
+TRAINABLE = 50_000_000
+
+
+def build_unet(device: str) -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8).to(device)
+
+
+def linear_and_conv_names(unet: nn.Module, linear_only: bool = False) -> list[str]:
+    types = (nn.Linear,) if linear_only else (nn.Linear, nn.Conv2d)
+    return [name for name, m in unet.named_modules() if isinstance(m, types)]
+
+
+def lora_rank_for(unet: nn.Module, count: int) -> int:
+    """LoRA rank whose adapters on every Linear/Conv2d hold about ``count`` parameters."""
+    per_rank = 0
+    for module in unet.modules():
+        if isinstance(module, nn.Linear):
+            per_rank += module.in_features + module.out_features
+        elif isinstance(module, nn.Conv2d):
+            per_rank += module.in_channels * module.kernel_size[0] * module.kernel_size[1] + module.out_channels
+    return max(1, round(count / per_rank))
+
+
+def setup(method: str, unet: nn.Module, rank_layers_per_step: int) -> tuple[list[torch.Tensor], callable]:
+    """Make ``method``'s tensors trainable. Returns (trainable tensors, extra loss term fn)."""
+    import sara_train
+
+    unet.requires_grad_(False)
+    no_extra = lambda: 0.0
+    if method == "floor":
+        return [], no_extra
+    if method == "full":
+        unet.requires_grad_(True)
+        return list(unet.parameters()), no_extra
+    if method == "sara":
+        handle = sara_train.inject(unet, sara_train.SaRAConfig(budget=TRAINABLE))
+        return list(handle.parameters()), lambda: 1e-4 * handle.rank_loss(rank_layers_per_step)
+    if method == "masked_dense":
+        from sara_train.selection import find_targets, select_entries
+
+        targets = find_targets(unet, sara_train.SaRAConfig())
+        weights = {t.name: getattr(t.module, t.param_name) for t in targets}
+        _, indices = select_entries(weights, sara_train.SaRAConfig(budget=TRAINABLE))
+        params = []
+        for name, flat in indices.items():
+            weight = weights[name]
+            mask = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
+            mask[flat.long()] = True
+            weight.requires_grad_(True)
+            weight.register_hook(lambda grad, mask=mask.view_as(weight): grad * mask)
+            params.append(weight)
+        return params, no_extra
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if method == "lora":
+        rank = lora_rank_for(unet, TRAINABLE)
+        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=linear_and_conv_names(unet))
+    elif method == "supertuning":
+        from peft import SupertuningConfig
+
+        names = linear_and_conv_names(unet, linear_only=True)
+        total = sum(unet.get_submodule(n).weight.numel() for n in names)
+        config = SupertuningConfig(target_modules=names, sparsity=1 - TRAINABLE / total, select_top=False)
+    else:
+        raise SystemExit(f"unknown method {method}")
+    inject_adapter_in_model(config, unet)
+    return [p for p in unet.parameters() if p.requires_grad], no_extra
+
+
+def peak_rss_reset() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def worker(method: str, setting: str, device: str, steps: int, rank_layers_per_step: int) -> dict:
+    batch, size = SETTINGS[setting]
+    torch.manual_seed(0)
+    unet = build_unet(device)
+    params, extra_loss = setup(method, unet, rank_layers_per_step)
+    optimizer = torch.optim.AdamW(params, lr=1e-5) if params else None
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(batch, 4, size, size, generator=generator).to(device)
+    target = torch.randn(batch, 4, size, size, generator=generator).to(device)
+    text = torch.randn(batch, 77, 768, generator=generator).to(device)
+    timesteps = torch.randint(0, 1000, (batch,), generator=generator).to(device)
+    if method == "floor":
+        latents.requires_grad_(True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        peak_rss_reset()
+    times, extra_times = [], []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        if optimizer:
+            optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.mse_loss(unet(latents, timesteps, text).sample, target)
+        extra_start = time.perf_counter()
+        loss = loss + extra_loss()
+        extra_times.append(time.perf_counter() - extra_start)
+        loss.backward()
+        if optimizer:
+            optimizer.step()
+        latents.grad = None
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes()
+    return {"method": method, "trainable": sum(p.numel() for p in params), "peak_bytes": peak,
+            "step_s": statistics.median(times[1:]), "rank_loss_s": statistics.median(extra_times[1:])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", choices=SETTINGS, default="cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--rank-layers-per-step", type=int, default=4)
+    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.setting, args.device, args.steps, args.rank_layers_per_step)))
+        return
+    results = {}
+    for method in args.methods:
+        command = [sys.executable, __file__, "--worker", method, "--setting", args.setting, "--device",
+                   args.device, "--steps", str(args.steps), "--rank-layers-per-step", str(args.rank_layers_per_step)]
+        print(f"running {method} ...", file=sys.stderr, flush=True)
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        results[method] = json.loads(output.strip().splitlines()[-1])
+    print_table(results, args)
+
+
+def print_table(results: dict, args) -> None:
+    batch, size = SETTINGS[args.setting]
+    floor = results.get("floor", {}).get("peak_bytes")
+    gib = 2**30
+    print(f"\nSD1.5 UNet, {args.device}, batch {batch}, {size}x{size} latents, fp32, median of {args.steps} steps\n")
+    print("| method | trainable | peak memory (GiB) | overhead above floor (GiB) | step (s) |")
+    print("|---|---:|---:|---:|---:|")
+    for method, r in results.items():
+        overhead = f"{(r['peak_bytes'] - floor) / gib:.2f}" if floor is not None and method != "floor" else "-"
+        print(f"| {method} | {r['trainable'] / 1e6:.1f}M | {r['peak_bytes'] / gib:.2f} | {overhead} | {r['step_s']:.2f} |")
+    if "sara" in results:
+        sara = results["sara"]
+        print(f"\nSaRA rank loss ({args.rank_layers_per_step} layers/step): {sara['rank_loss_s']:.3f} s/step, "
+              f"{sara['rank_loss_s'] / sara['step_s']:.1%} of the step")
+        for other in ("lora", "supertuning"):
+            if other in results and floor is not None:
+                ratio = (sara["peak_bytes"] - floor) / (results[other]["peak_bytes"] - floor)
+                print(f"SaRA overhead / {other} overhead: {ratio:.2f} (target <= 0.8)")
+        if "full" in results:
+            print(f"SaRA peak / full fine-tuning peak: {sara['peak_bytes'] / results['full']['peak_bytes']:.2f} (target <= 0.45)")
+        if "lora" in results:
+            print(f"SaRA step / LoRA step: {sara['step_s'] / results['lora']['step_s']:.2f} (target <= 1.10)")
+
+
+if __name__ == "__main__":
+    main()
