@@ -14,7 +14,6 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .config import SaRAConfig
 from .delta import LayerDelta, SparseDelta
-from .errors import SaRAError
 from .rank_loss import nuclear_norm, nuclear_norm_and_grad
 from .selection import Target, find_targets, select_entries
 from .sparse import SparseUpdate
@@ -40,16 +39,16 @@ def inject(model: nn.Module, config: SaRAConfig | None = None) -> SaRAHandle:
                               config.values_dtype, config.probe_size)
         parametrize.register_parametrization(target.module, target.param_name, update, unsafe=True)
         layers[target.name] = (target, update)
-    handle = SaRAHandle(model, config, threshold, layers, requires_grad)
-    handle.num_targeted = sum(w.numel() for w in weights.values())
-    return handle
+    num_targeted = sum(w.numel() for w in weights.values())
+    return SaRAHandle(model, config, threshold, layers, requires_grad, num_targeted)
 
 
 class SaRAHandle:
     """Live SaRA state of one model. ``layers`` maps weight key -> ``SparseUpdate``."""
 
     def __init__(self, model: nn.Module, config: SaRAConfig, threshold: float,
-                 layers: dict[str, tuple[Target, SparseUpdate]], requires_grad: dict[str, bool]) -> None:
+                 layers: dict[str, tuple[Target, SparseUpdate]], requires_grad: dict[str, bool],
+                 num_targeted: int) -> None:
         self.model = model
         self.config = config
         self.threshold = threshold
@@ -60,7 +59,7 @@ class SaRAHandle:
         self._pending_swaps: dict[int, tuple[nn.Parameter, nn.Parameter, torch.Tensor]] = {}
         self._step_hook = None
         self.removed = False
-        self.num_targeted = 0
+        self.num_targeted = num_targeted
         """Entries of all targeted weights (the denominator of a fractional budget)."""
 
     # ----------------------------------------------------------------- parameters
@@ -78,7 +77,8 @@ class SaRAHandle:
         return sum(update.values.numel() for update in self.layers.values())
 
 
-    def _weight(self, name: str) -> torch.Tensor:
+    def weight(self, name: str) -> torch.Tensor:
+        """The module's own (frozen) weight tensor for key ``name``; it holds the trained values."""
         target = self._targets[name]
         return target.module.parametrizations[target.param_name].original
 
@@ -133,7 +133,7 @@ class SaRAHandle:
         """
         for name, update in self.layers.items():
             old = update.values
-            keep = update.reselect(self._weight(name), self.threshold)
+            keep = update.reselect(self.weight(name), self.threshold)
             if optimizer is not None:
                 swap_optimizer_param(optimizer, old, update.values, keep)
             else:
@@ -170,7 +170,7 @@ class SaRAHandle:
         for name, update in self.layers.items():
             target = self._targets[name]
             update._synced_version = None
-            update.write_values_into(self._weight(name))
+            update.write_values_into(self.weight(name))
             parametrize.remove_parametrizations(target.module, target.param_name, leave_parametrized=False)
         for name, param in self.model.named_parameters():
             param.requires_grad_(self._requires_grad.get(name, param.requires_grad))
