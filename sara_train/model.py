@@ -83,7 +83,7 @@ class SaRAHandle:
         return target.module.parametrizations[target.param_name].original
 
     # ----------------------------------------------------------------- rank loss
-    def _rank_layers(self, layers_per_step: int | None) -> tuple[list[SparseUpdate], float]:
+    def next_rank_layers(self, layers_per_step: int | None) -> tuple[list[SparseUpdate], float]:
         """The layers whose rank loss is taken this call, and the factor that keeps the expected
         total unchanged when only ``layers_per_step`` layers (round-robin) are taken."""
         active = [update for update in self.layers.values() if update.values.numel()]
@@ -98,7 +98,7 @@ class SaRAHandle:
         """Sum of the nuclear norms ``||ΔP||_*`` of the layers' sparse updates (0-d fp32 tensor,
         differentiable to the values). ``layers_per_step`` takes that many layers per call in
         rotation, scaled by ``n_layers / layers_per_step``, to bound the cost of one step."""
-        chosen, scale = self._rank_layers(layers_per_step)
+        chosen, scale = self.next_rank_layers(layers_per_step)
         if not chosen:
             return torch.zeros((), requires_grad=False)
         return scale * torch.stack([nuclear_norm(update) for update in chosen]).sum()
@@ -107,7 +107,7 @@ class SaRAHandle:
     def add_rank_loss_grad(self, weight: float, layers_per_step: int | None = None) -> torch.Tensor:
         """Add ``weight * d rank_loss / d values`` to the values' ``.grad`` without building a graph
         (what ``SaRAAdamW`` does each step). Returns the (scaled) rank loss value."""
-        chosen, scale = self._rank_layers(layers_per_step)
+        chosen, scale = self.next_rank_layers(layers_per_step)
         total = torch.zeros(())
         for update in chosen:
             norm, grad = nuclear_norm_and_grad(update)

@@ -129,3 +129,22 @@ def test_summary_lists_layers(trained) -> None:
     assert [row[0] for row in summary.layers] == sorted(delta.layers)
     text = str(summary)
     assert "proj.weight" in text and delta.base_fingerprint in text and "note=test" in text
+
+
+def test_biases_and_norm_weights_train_and_round_trip(tiny_net: TinyNet, batch) -> None:
+    pristine = copy.deepcopy(tiny_net)
+    config = sara_train.SaRAConfig(budget=0.3, include_bias=True, include_norm=True)
+    handle = sara_train.inject(tiny_net, config)
+    assert {"proj.bias", "norm.bias"} <= set(handle.layers)
+    assert "norm.weight" not in handle.layers  # GroupNorm weights start at 1.0: never below threshold
+    optimizer = torch.optim.Adam(handle.parameters(), lr=0.05)
+    x, y = batch
+    for _ in range(3):
+        optimizer.zero_grad()
+        (nn.functional.mse_loss(tiny_net(x), y) + 0.01 * handle.rank_loss()).backward()
+        optimizer.step()
+    delta = handle.delta()
+    handle.remove()
+    assert delta.layers["norm.bias"].numel > 0
+    delta.apply_to(pristine)
+    torch.testing.assert_close(pristine(x), tiny_net(x), rtol=1e-6, atol=1e-7)
