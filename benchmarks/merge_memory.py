@@ -43,7 +43,7 @@ def make_inputs(folder: Path, size_gib: float) -> tuple[Path, Path]:
     checkpoint = folder / "base.safetensors"
     save_file(tensors, str(checkpoint))
     layers = {}
-    for i, (key, tensor) in enumerate(tensors.items()):
+    for key, tensor in tensors.items():
         picked = torch.randperm(tensor.numel(), generator=generator)[: tensor.numel() // 20].sort().values
         layers[key.removeprefix("model.diffusion_model.")] = sara_train.LayerDelta(
             (ROWS, COLS), picked.to(torch.int32), torch.randn(picked.numel(), generator=generator).half() * 1e-3)

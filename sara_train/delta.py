@@ -183,6 +183,8 @@ class SparseDelta:
         strengths = [1.0] * len(deltas) if strengths is None else list(strengths)
         if len(strengths) != len(deltas):
             raise SaRAError(f"stack got {len(deltas)} deltas but {len(strengths)} strengths")
+        if len(deltas) == 1:  # nothing to unite: no copies of the indices
+            return deltas[0] if strengths[0] == 1.0 else deltas[0].scale(strengths[0])
         dtype = max((l.values.dtype for d in deltas for l in d.layers.values()),
                     key=lambda t: torch.finfo(t).bits, default=torch.float32)
         parts: dict[str, list[tuple[LayerDelta, float]]] = {}

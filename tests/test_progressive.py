@@ -1,7 +1,6 @@
 """Progressive re-selection keeps optimizer state and learned values; SaRAAdamW does it itself."""
 import copy
 
-import pytest
 import torch
 from torch import nn
 
@@ -90,21 +89,3 @@ def test_sara_adamw_one_line_form(tiny_net: TinyNet, batch) -> None:
     for (_, got), (_, expected) in zip(optimizer.handle.named_parameters(), handle.named_parameters()):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
-
-def test_step_in_backward_equals_the_usual_step(tiny_net: TinyNet, batch) -> None:
-    twin = copy.deepcopy(tiny_net)
-    x, y = batch
-    settings = dict(lr=0.05, budget=0.2, rank_weight=0.01, rank_layers_per_step=2, progressive_at=3)
-    usual = sara_train.SaRAAdamW(tiny_net, **settings)
-    fused = sara_train.SaRAAdamW(twin, step_in_backward=True, **settings)
-    for _ in range(6):
-        for model, optimizer in ((tiny_net, usual), (twin, fused)):
-            nn.functional.mse_loss(model(x), y).backward()
-            if optimizer is fused:
-                assert all(p.grad is None for p in optimizer.handle.parameters()), "a gradient buffer outlived backward"
-            optimizer.step()
-            optimizer.zero_grad()
-        assert fused.last_rank_loss == pytest.approx(usual.last_rank_loss, rel=1e-5)
-    assert fused.handle.num_trainable == usual.handle.num_trainable
-    for (_, got), (_, expected) in zip(fused.handle.named_parameters(), usual.handle.named_parameters()):
-        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
