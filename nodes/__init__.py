@@ -1,0 +1,16 @@
+"""ComfyUI nodes for SaRA deltas: thin adapters between ComfyUI objects and ``sara_train``."""
+from __future__ import annotations
+
+import os
+
+import folder_paths
+from comfy_api.latest import ComfyExtension, io
+
+from .loader import SaRALoader
+
+folder_paths.add_model_folder_path("sara", os.path.join(folder_paths.models_dir, "sara"))
+
+
+class SaRAExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [SaRALoader]

@@ -1,0 +1,124 @@
+"""A real ComfyUI server for the node tests: started headless on 127.0.0.1 with this pack in
+``custom_nodes/``, driven over HTTP. ``COMFYUI_DIR`` names the ComfyUI checkout (``make test``
+fetches one into ``.cache/comfyui``)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY_SD15_UNET = """
+import sys, torch
+from safetensors.torch import save_file
+sys.path.insert(0, sys.argv[1])
+import comfy.cli_args
+comfy.cli_args.args.cpu = True  # before comfy.model_management looks for a GPU
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+torch.manual_seed(0)
+unet = UNetModel(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1],
+                 channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1],
+                 transformer_depth_middle=-1, num_head_channels=64, context_dim=768, use_linear_in_transformer=False,
+                 use_spatial_transformer=True, dtype=torch.float32)
+with torch.no_grad():  # comfy.ops skips weight init: give the random model real values
+    for param in unet.parameters():
+        param.normal_(0.0, 0.05)
+save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, sys.argv[2])
+"""
+
+
+def comfyui_dir() -> Path:
+    path = Path(os.environ.get("COMFYUI_DIR", REPO / ".cache" / "comfyui"))
+    if not (path / "main.py").is_file():
+        raise RuntimeError(f"no ComfyUI at {path}: run `make test` (it fetches one) or set COMFYUI_DIR")
+    return path
+
+
+def write_tiny_unet(path: Path) -> Path:
+    """A ~21M-parameter UNet (one level, 320 channels, context 768) that ComfyUI detects as SD1.5."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-c", TINY_SD15_UNET, str(comfyui_dir()), str(path)], check=True, timeout=300)
+    return path
+
+
+class ComfyUIServer:
+    """``python main.py --cpu`` with ``base`` as its base directory (models, output, custom_nodes)."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
+        link = base / "custom_nodes" / "comfyui-sara"
+        if not link.exists():
+            link.symlink_to(REPO, target_is_directory=True)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = (base / "server.log").open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+             "--base-directory", str(base), "--disable-auto-launch", "--database-url", "sqlite:///:memory:"],
+            cwd=comfyui_dir(), stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited with {self.process.returncode}:\n{self.read_log()}")
+            try:
+                self.get("/object_info/KSampler")
+                return
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"ComfyUI did not start within 180 s:\n{self.read_log()}")
+
+    def read_log(self) -> str:
+        self.log.flush()
+        return (self.base / "server.log").read_text()[-6000:]
+
+    def get(self, path: str) -> dict:
+        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+            return json.loads(response.read())
+
+    def run(self, graph: dict, timeout: float = 300) -> dict:
+        """Queue an API-format graph and wait for it; returns its history entry (raises on a
+        validation error, returns the entry with status "error" on an execution error)."""
+        body = json.dumps({"prompt": graph, "client_id": uuid.uuid4().hex}).encode()
+        request = urllib.request.Request(self.url + "/prompt", body, {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                prompt_id = json.loads(response.read())["prompt_id"]
+        except urllib.error.HTTPError as exc:
+            raise AssertionError(f"ComfyUI refused the graph: {exc.read().decode()}") from None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+                entry = history[prompt_id]
+                if entry["status"]["status_str"] in ("success", "error"):
+                    return entry
+            time.sleep(0.2)
+        raise AssertionError(f"graph did not finish within {timeout} s:\n{self.read_log()}")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+def execution_error(entry: dict) -> str:
+    """The exception message of a failed graph ("" if it succeeded)."""
+    for kind, data in entry.get("status", {}).get("messages", []):
+        if kind == "execution_error":
+            return f"{data.get('exception_type')}: {data.get('exception_message')}"
+    return ""

@@ -1,0 +1,124 @@
+"""SaRA nodes inside a real ComfyUI server, driven over HTTP (see comfyui_server.py)."""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sara_train
+from sara_train.delta import LayerDelta
+from sara_train.selection import select_entries
+from comfyui_server import ComfyUIServer, execution_error, write_tiny_unet
+
+
+def make_delta(base: dict[str, torch.Tensor], seed: int, budget: float) -> sara_train.SparseDelta:
+    """A delta over the base's 2-D+ weights: random updates at the smallest-|w| entries, probes at
+    the largest, exactly as ``SaRAHandle.delta`` records them."""
+    weights = {k: v for k, v in base.items() if k.endswith("weight") and v.dim() >= 2}
+    _, indices = select_entries(weights, sara_train.SaRAConfig(budget=budget))
+    generator = torch.Generator().manual_seed(seed)
+    layers = {}
+    for key, flat in indices.items():
+        magnitudes = weights[key].flatten().abs().clone()
+        magnitudes[flat.long()] = -1
+        probe = magnitudes.topk(4).indices.sort().values
+        layers[key] = LayerDelta(tuple(weights[key].shape), flat, torch.randn(flat.numel(), generator=generator) * 0.01,
+                                 probe.to(torch.int32), weights[key].flatten()[probe].float())
+    return sara_train.SparseDelta(layers)
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    base_dir = tmp_path_factory.mktemp("comfyui")
+    unet_path = write_tiny_unet(base_dir / "models" / "unet" / "tiny.safetensors")
+    base = load_file(str(unet_path))
+    sara_dir = base_dir / "models" / "sara"
+    sara_dir.mkdir(parents=True)
+    make_delta(base, 1, 0.05).save(sara_dir / "a.safetensors")
+    make_delta(base, 2, 0.02).save(sara_dir / "b.safetensors")
+    other = {"other.weight": torch.randn(8, 8), "other2.weight": torch.randn(4, 8)}
+    make_delta(other, 3, 0.5).save(sara_dir / "other_model.safetensors")
+    data = (sara_dir / "a.safetensors").read_bytes()
+    (sara_dir / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    (sara_dir / "pickled.safetensors").write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    server = ComfyUIServer(base_dir)
+    yield server, base
+    server.stop()
+
+
+def save_graph(loaders: list[tuple[str, float]], prefix: str) -> dict:
+    graph = {"unet": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny.safetensors", "weight_dtype": "default"}}}
+    model = ["unet", 0]
+    for i, (name, strength) in enumerate(loaders):
+        graph[f"sara{i}"] = {"class_type": "SaRALoader", "inputs": {"model": model, "delta_name": name, "strength": strength}}
+        model = [f"sara{i}", 0]
+    graph["save"] = {"class_type": "ModelSave", "inputs": {"model": model, "filename_prefix": f"diffusion_models/{prefix}"}}
+    return graph
+
+
+def saved_unet(server: ComfyUIServer, prefix: str) -> dict[str, torch.Tensor]:
+    (path,) = (server.base / "output" / "diffusion_models").glob(f"{prefix}_*.safetensors")
+    return {k.removeprefix("model.diffusion_model."): v for k, v in load_file(str(path)).items()}
+
+
+def run_ok(server: ComfyUIServer, graph: dict) -> None:
+    entry = server.run(graph)
+    assert entry["status"]["status_str"] == "success", execution_error(entry) + server.read_log()
+
+
+def test_object_info_lists_the_loader(comfy) -> None:
+    server, _ = comfy
+    info = server.get("/object_info/SaRALoader")["SaRALoader"]
+    required = info["input"]["required"]
+    assert set(required) == {"model", "delta_name", "strength"}
+    kind, options = required["delta_name"]
+    assert kind == "COMBO" and {"a.safetensors", "b.safetensors"} <= set(options["options"])
+    assert info["output"] == ["MODEL"] and info["category"] == "sara"
+
+
+def test_loaded_weights_are_base_plus_delta_and_untouched_elsewhere(comfy) -> None:
+    server, base = comfy
+    run_ok(server, save_graph([("a.safetensors", 0.7)], "a07"))
+    saved = saved_unet(server, "a07")
+    delta = sara_train.SparseDelta.load(server.base / "models" / "sara" / "a.safetensors")
+    expected = {k: v.clone() for k, v in base.items()}
+    delta.apply_to(expected, strength=0.7)
+    assert set(saved) == set(base)
+    for key, tensor in expected.items():
+        if key in delta.layers:
+            torch.testing.assert_close(saved[key].float(), tensor.float(), rtol=1e-6, atol=1e-7)
+            changed = (saved[key] != base[key]).flatten()
+            assert changed.nonzero().squeeze(1).to(torch.int32).tolist() == delta.layers[key].flat_indices.tolist()
+        else:
+            assert torch.equal(saved[key], base[key]), f"{key} changed"
+
+
+def test_strength_zero_is_the_base_and_stacked_deltas_add(comfy) -> None:
+    server, base = comfy
+    run_ok(server, save_graph([("a.safetensors", 0.0)], "zero"))
+    for key, tensor in saved_unet(server, "zero").items():
+        assert torch.equal(tensor, base[key])
+    run_ok(server, save_graph([("a.safetensors", 1.0), ("b.safetensors", 0.5)], "stacked"))
+    folder = server.base / "models" / "sara"
+    summed = sara_train.SparseDelta.stack([sara_train.SparseDelta.load(folder / "a.safetensors"),
+                                           sara_train.SparseDelta.load(folder / "b.safetensors")], [1.0, 0.5])
+    expected = {k: v.clone() for k, v in base.items()}
+    summed.apply_to(expected)
+    for key, tensor in saved_unet(server, "stacked").items():
+        torch.testing.assert_close(tensor, expected[key], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("other_model.safetensors", "delta keys are not in the model"),
+    ("truncated.safetensors", "truncated"),
+    ("pickled.safetensors", "pickle"),
+])
+def test_bad_deltas_are_node_errors_and_the_server_keeps_serving(comfy, name: str, message: str) -> None:
+    server, _ = comfy
+    entry = server.run(save_graph([(name, 1.0)], f"bad_{name}"))
+    assert entry["status"]["status_str"] == "error"
+    assert message in execution_error(entry)
+    assert not list((server.base / "output").rglob(f"bad_{name}*"))
+    assert "SaRALoader" in server.get("/object_info/SaRALoader")
