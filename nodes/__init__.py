@@ -7,10 +7,11 @@ import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
 from .loader import SaRALoader
+from .merge import SaRAMergeCheckpoint
 
 folder_paths.add_model_folder_path("sara", os.path.join(folder_paths.models_dir, "sara"))
 
 
 class SaRAExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [SaRALoader]
+        return [SaRALoader, SaRAMergeCheckpoint]

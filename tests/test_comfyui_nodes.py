@@ -5,7 +5,7 @@ import pickle
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import sara_train
 from sara_train.delta import LayerDelta
@@ -43,6 +43,10 @@ def comfy(tmp_path_factory):
     data = (sara_dir / "a.safetensors").read_bytes()
     (sara_dir / "truncated.safetensors").write_bytes(data[: len(data) // 2])
     (sara_dir / "pickled.safetensors").write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    checkpoint = {"model.diffusion_model." + k: v for k, v in base.items()}
+    checkpoint["first_stage_model.decoder.conv_in.weight"] = torch.randn(8, 4, 3, 3)
+    (base_dir / "models" / "checkpoints").mkdir(parents=True)
+    save_file(checkpoint, str(base_dir / "models" / "checkpoints" / "tiny_ckpt.safetensors"))
     server = ComfyUIServer(base_dir)
     yield server, base
     server.stop()
@@ -122,3 +126,32 @@ def test_bad_deltas_are_node_errors_and_the_server_keeps_serving(comfy, name: st
     assert message in execution_error(entry)
     assert not list((server.base / "output").rglob(f"bad_{name}*"))
     assert "SaRALoader" in server.get("/object_info/SaRALoader")
+
+
+def merge_graph(filename: str, strength_2: float) -> dict:
+    return {"merge": {"class_type": "SaRAMergeCheckpoint", "inputs": {
+        "ckpt_name": "tiny_ckpt.safetensors", "delta_1": "a.safetensors", "strength_1": 1.0,
+        "delta_2": "b.safetensors", "strength_2": strength_2, "delta_3": "[None]", "strength_3": 1.0,
+        "filename": filename, "overwrite": False}}}
+
+
+def test_merge_checkpoint_node_bakes_stacked_deltas(comfy) -> None:
+    server, _ = comfy
+    run_ok(server, merge_graph("merged_ab", 0.5))
+    folder = server.base / "models"
+    merged = load_file(str(folder / "checkpoints" / "merged_ab.safetensors"))
+    expected = load_file(str(folder / "checkpoints" / "tiny_ckpt.safetensors"))
+    sara_train.SparseDelta.stack([sara_train.SparseDelta.load(folder / "sara" / "a.safetensors"),
+                                  sara_train.SparseDelta.load(folder / "sara" / "b.safetensors")], [1.0, 0.5]).apply_to(expected)
+    assert set(merged) == set(expected)
+    for key, tensor in expected.items():
+        torch.testing.assert_close(merged[key], tensor, rtol=1e-6, atol=1e-7)
+
+    before = (folder / "checkpoints" / "merged_ab.safetensors").read_bytes()
+    entry = server.run(merge_graph("merged_ab", 0.25))
+    assert entry["status"]["status_str"] == "error" and "already exists" in execution_error(entry)
+    assert (folder / "checkpoints" / "merged_ab.safetensors").read_bytes() == before
+
+    entry = server.run(merge_graph("../outside", 0.5))
+    assert entry["status"]["status_str"] == "error" and "plain file name" in execution_error(entry)
+    assert not (folder / "outside.safetensors").exists()
