@@ -162,15 +162,20 @@ class SaRAHandle:
         return SparseDelta(layers, selection, metadata)
 
     @torch.no_grad()
-    def remove(self) -> None:
-        """Merge the learned update into the weights and restore plain modules (same parameter
-        objects, original ``requires_grad`` flags). The handle is unusable afterwards."""
+    def remove(self, merge: bool = True) -> None:
+        """Restore plain modules (same parameter objects, original ``requires_grad`` flags) with the
+        learned update merged into the weights, or with ``merge=False`` the pretrained weights
+        bit-exactly (take ``delta()`` first to keep what was learned). The handle is unusable
+        afterwards."""
         if self.removed:
             return
         for name, update in self.layers.items():
             target = self._targets[name]
-            update._synced_version = None
-            update.write_values_into(self.weight(name))
+            if merge:
+                update._synced_version = None
+                update.write_values_into(self.weight(name))
+            else:
+                update.restore_base_into(self.weight(name))
             parametrize.remove_parametrizations(target.module, target.param_name, leave_parametrized=False)
         for name, param in self.model.named_parameters():
             param.requires_grad_(self._requires_grad.get(name, param.requires_grad))

@@ -45,7 +45,8 @@ class SparseUpdate(nn.Module):
     Buffers (all 1-D, ``k`` = trainable entries, ``f`` = learned entries frozen by re-selection):
       flat_indices  int32 [k]  sorted row-major positions of the trainable entries
       base_values   [k]        the pretrained values there (weight dtype)
-      frozen_indices int32 [f], frozen_delta fp32 [f]: learned updates no longer trained
+      frozen_indices int32 [f], frozen_delta fp32 [f], frozen_base [f] (weight dtype): learned
+        updates no longer trained, and the pretrained values there
       probe_indices int32 [p], probe_values fp32 [p]: largest-|w| entries of the base weight
         (never selected), the fingerprint a delta carries to recognise its base model
     Parameter:
@@ -65,6 +66,7 @@ class SparseUpdate(nn.Module):
         self.values = nn.Parameter(self.base_values.to(values_dtype, copy=True))
         self.register_buffer("frozen_indices", _empty_like_indices(weight.device))
         self.register_buffer("frozen_delta", torch.empty(0, dtype=torch.float32, device=weight.device))
+        self.register_buffer("frozen_base", self.base_values[:0].clone())
         magnitudes = flat.abs().float()
         magnitudes[self.flat_indices] = -1.0  # trained entries are never probes
         unselected = flat.numel() - self.flat_indices.numel()
@@ -115,8 +117,17 @@ class SparseUpdate(nn.Module):
         drop = ~keep
         self.frozen_indices = torch.cat([self.frozen_indices, self.flat_indices[drop]])
         self.frozen_delta = torch.cat([self.frozen_delta, self.delta_values().detach()[drop]])
+        self.frozen_base = torch.cat([self.frozen_base, self.base_values[drop]])
         self.flat_indices = self.flat_indices[keep]
         self.base_values = self.base_values[keep]
         self.values = nn.Parameter(old.detach()[keep].clone(), requires_grad=old.requires_grad)
         self._synced_version = self.values._version
         return keep
+
+    @torch.no_grad()
+    def restore_base_into(self, weight: torch.Tensor) -> None:
+        """Write the pretrained values back into ``weight`` at every entry this update ever trained,
+        bit-exactly (the weight is as before injection); ``values`` are left as they are."""
+        weight.view(-1)[self.flat_indices] = self.base_values
+        weight.view(-1)[self.frozen_indices] = self.frozen_base
+        self._synced_version = None

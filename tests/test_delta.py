@@ -148,3 +148,27 @@ def test_biases_and_norm_weights_train_and_round_trip(tiny_net: TinyNet, batch) 
     assert delta.layers["norm.bias"].numel > 0
     delta.apply_to(pristine)
     torch.testing.assert_close(pristine(x), tiny_net(x), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_remove_without_merge_restores_the_pretrained_weights_exactly(batch, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    model = TinyNet().to(dtype)
+    pristine = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = batch
+    optimizer = sara_train.SaRAAdamW(model, lr=0.05, budget=0.2, progressive_at=2)
+    for _ in range(4):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x.to(dtype)).float(), y).backward()
+        optimizer.step()
+    assert any(u.frozen_indices.numel() for u in optimizer.handle.layers.values())
+    with torch.no_grad():
+        trained_out = model(x.to(dtype))
+    delta = optimizer.handle.delta()
+    optimizer.handle.remove(merge=False)
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(tensor, pristine[key]), f"{key} differs from the pretrained weights"
+    delta.apply_to(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x.to(dtype)), trained_out, rtol=1e-3 if dtype == torch.float16 else 1e-6,
+                                   atol=1e-3 if dtype == torch.float16 else 1e-7)
