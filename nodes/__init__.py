@@ -6,6 +6,7 @@ import os
 import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
+from .inspection import SaRAInspect
 from .loader import SaRALoader
 from .merge import SaRAMergeCheckpoint
 
@@ -14,4 +15,4 @@ folder_paths.add_model_folder_path("sara", os.path.join(folder_paths.models_dir,
 
 class SaRAExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [SaRALoader, SaRAMergeCheckpoint]
+        return [SaRALoader, SaRAMergeCheckpoint, SaRAInspect]

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TinyNet
 from safetensors.torch import save_file
 from torch import nn
 
 import sara_train
 from sara_train import DeltaFormatError, DeltaMismatchError
-from conftest import TinyNet
 
 
 @pytest.fixture

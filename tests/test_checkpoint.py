@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TinyNet
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import sara_train
-from conftest import TinyNet
 
 PREFIX = "model.diffusion_model."
 

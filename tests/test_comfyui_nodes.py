@@ -5,12 +5,14 @@ import pickle
 
 import pytest
 import torch
+from comfyui_server import ComfyUIServer, execution_error, write_tiny_unet
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import sara_train
+from sara_train.analysis import threshold_for_budget
 from sara_train.delta import LayerDelta
 from sara_train.selection import select_entries
-from comfyui_server import ComfyUIServer, execution_error, write_tiny_unet
 
 
 def make_delta(base: dict[str, torch.Tensor], seed: int, budget: float) -> sara_train.SparseDelta:
@@ -155,3 +157,31 @@ def test_merge_checkpoint_node_bakes_stacked_deltas(comfy) -> None:
     entry = server.run(merge_graph("../outside", 0.5))
     assert entry["status"]["status_str"] == "error" and "plain file name" in execution_error(entry)
     assert not (folder / "outside.safetensors").exists()
+
+
+def test_inspect_reports_the_thresholds_sara_would_use(comfy) -> None:
+    server, base = comfy
+    graph = {
+        "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny.safetensors", "weight_dtype": "default"}},
+        "inspect": {"class_type": "SaRAInspect", "inputs": {"model": ["unet", 0], "budgets": "0.01, 0.05",
+                                                            "delta_name": "a.safetensors"}},
+        "text": {"class_type": "PreviewAny", "inputs": {"source": ["inspect", 1]}},
+        "image": {"class_type": "PreviewImage", "inputs": {"images": ["inspect", 0]}},
+    }
+    entry = server.run(graph)
+    assert entry["status"]["status_str"] == "success", execution_error(entry)
+    text = entry["outputs"]["text"]["text"][0]
+    weights = [v for v in base.values() if v.dim() >= 2]  # the Linear and Conv weights
+    for budget in (0.01, 0.05):
+        expected = threshold_for_budget(weights, budget)
+        assert f"budget {budget:.1%} -> threshold {expected:.6g}" in text
+    assert f"{len(weights)} tensors" in text and "SaRA delta:" in text
+    (image,) = entry["outputs"]["image"]["images"]
+    with Image.open(server.base / image["type"] / image["subfolder"] / image["filename"]) as picture:
+        assert picture.size == (640, 360)
+        assert len(picture.convert("RGB").getcolors(maxcolors=1 << 20)) > 3  # bars, lines, text: not blank
+
+    bad = dict(graph, inspect={"class_type": "SaRAInspect", "inputs": {"model": ["unet", 0], "budgets": "five percent",
+                                                                       "delta_name": "[None]"}})
+    entry = server.run(bad)
+    assert entry["status"]["status_str"] == "error" and "comma-separated fractions" in execution_error(entry)

@@ -6,13 +6,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import TinyNet
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import sara_train
-from conftest import TinyNet
 
 STEPS = 3
 

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TinyNet
 from safetensors import safe_open
 from torch import nn
 
 import sara_train
-from conftest import TinyNet
 
 
 @pytest.fixture

@@ -2,10 +2,10 @@
 import copy
 
 import torch
+from conftest import TinyNet
 from torch import nn
 
 import sara_train
-from conftest import TinyNet
 
 
 def train(model: nn.Module, handle: sara_train.SaRAHandle, optimizer: torch.optim.Optimizer, batch, steps: int) -> None:

@@ -4,11 +4,11 @@ import copy
 
 import pytest
 import torch
+from conftest import TinyNet
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import sara_train
-from conftest import TinyNet
 
 
 def masked_dense_reference(model: nn.Module, selected: dict[str, torch.Tensor]) -> list[nn.Parameter]:

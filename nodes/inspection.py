@@ -1,0 +1,57 @@
+"""SaRA Inspect: the |w| histogram of a model with the thresholds for a few budgets."""
+from __future__ import annotations
+
+import folder_paths
+import numpy as np
+import torch
+from comfy_api.latest import io
+
+import sara_train
+from sara_train.analysis import draw_histogram, magnitude_histogram, threshold_for_budget
+from sara_train.selection import find_targets
+
+NONE = "[None]"
+
+
+def parse_budgets(text: str) -> list[float]:
+    try:
+        budgets = [float(part) for part in text.replace(";", ",").split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"budgets must be comma-separated fractions like '0.01, 0.05', got {text!r}") from None
+    if not budgets or any(not 0 < b <= 1 for b in budgets):
+        raise ValueError(f"budgets must be fractions in (0, 1], got {text!r}")
+    return budgets
+
+
+class SaRAInspect(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SaRAInspect",
+            display_name="SaRA Inspect",
+            category="sara",
+            description="Histogram of the weight magnitudes SaRA chooses from, with the threshold each budget "
+                        "gives, and a text summary (plus a delta file's contents if one is chosen).",
+            inputs=[
+                io.Model.Input("model"),
+                io.String.Input("budgets", default="0.01, 0.05, 0.1",
+                                tooltip="Fractions of the targeted weights to train, comma-separated."),
+                io.Combo.Input("delta_name", options=[NONE, *folder_paths.get_filename_list("sara")], default=NONE),
+            ],
+            outputs=[io.Image.Output(display_name="histogram"), io.String.Output(display_name="summary")],
+        )
+
+    @classmethod
+    def execute(cls, model, budgets: str, delta_name: str) -> io.NodeOutput:
+        fractions = parse_budgets(budgets)
+        targets = find_targets(model.model.diffusion_model, sara_train.SaRAConfig())
+        weights = [getattr(t.module, t.param_name) for t in targets]
+        thresholds = {f"{b:.1%}": threshold_for_budget(weights, b) for b in fractions}
+        edges, counts = magnitude_histogram(weights)
+        image = np.asarray(draw_histogram(edges, counts, thresholds), dtype=np.float32) / 255.0
+        lines = [f"targeted weights: {len(weights)} tensors, {sum(w.numel() for w in weights):,} entries"]
+        lines += [f"budget {label} -> threshold {value:.6g}" for label, value in thresholds.items()]
+        if delta_name != NONE:
+            delta = sara_train.SparseDelta.load(folder_paths.get_full_path_or_raise("sara", delta_name))
+            lines.append(str(delta.summary()).splitlines()[0])
+        return io.NodeOutput(torch.from_numpy(image)[None], "\n".join(lines))
