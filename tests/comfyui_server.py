@@ -35,6 +35,30 @@ save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, sys.argv[2]
 """
 
 
+TINY_SD15_CHECKPOINT = """
+import sys, torch
+from safetensors.torch import load_file, save_file
+sys.path.insert(0, sys.argv[1])
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+from comfy.ldm.models.autoencoder import AutoencoderKL
+from transformers import CLIPTextConfig, CLIPTextModel
+torch.manual_seed(1)
+checkpoint = {"model.diffusion_model." + k: v for k, v in load_file(sys.argv[2]).items()}
+clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                    num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu"))
+checkpoint.update({"cond_stage_model.transformer." + k: v.half() for k, v in clip.state_dict().items()})
+vae = AutoencoderKL(ddconfig={"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
+                              "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [],
+                              "dropout": 0.0}, embed_dim=4)
+with torch.no_grad():
+    for param in vae.parameters():
+        param.normal_(0.0, 0.02)
+checkpoint.update({"first_stage_model." + k: v.half() for k, v in vae.state_dict().items()})
+save_file({k: v.contiguous() for k, v in checkpoint.items()}, sys.argv[3])
+"""
+
+
 def comfyui_dir() -> Path:
     path = Path(os.environ.get("COMFYUI_DIR", REPO / ".cache" / "comfyui"))
     if not (path / "main.py").is_file():
@@ -46,6 +70,14 @@ def write_tiny_unet(path: Path) -> Path:
     """A ~21M-parameter UNet (one level, 320 channels, context 768) that ComfyUI detects as SD1.5."""
     path.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-c", TINY_SD15_UNET, str(comfyui_dir()), str(path)], check=True, timeout=300)
+    return path
+
+
+def write_tiny_sd15_checkpoint(unet: Path, path: Path) -> Path:
+    """A full SD1.5-style checkpoint: ``unet`` (fp32) + random CLIP-L and SD VAE (fp16)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-c", TINY_SD15_CHECKPOINT, str(comfyui_dir()), str(unet), str(path)],
+                   check=True, timeout=600)
     return path
 
 

@@ -5,7 +5,7 @@ import pickle
 
 import pytest
 import torch
-from comfyui_server import ComfyUIServer, execution_error, write_tiny_unet
+from comfyui_server import ComfyUIServer, execution_error, write_tiny_sd15_checkpoint, write_tiny_unet
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -49,6 +49,7 @@ def comfy(tmp_path_factory):
     checkpoint["first_stage_model.decoder.conv_in.weight"] = torch.randn(8, 4, 3, 3)
     (base_dir / "models" / "checkpoints").mkdir(parents=True)
     save_file(checkpoint, str(base_dir / "models" / "checkpoints" / "tiny_ckpt.safetensors"))
+    write_tiny_sd15_checkpoint(unet_path, base_dir / "models" / "checkpoints" / "tiny_full.safetensors")
     server = ComfyUIServer(base_dir)
     yield server, base
     server.stop()
@@ -185,3 +186,52 @@ def test_inspect_reports_the_thresholds_sara_would_use(comfy) -> None:
                                                                        "delta_name": "[None]"}})
     entry = server.run(bad)
     assert entry["status"]["status_str"] == "error" and "comma-separated fractions" in execution_error(entry)
+
+
+def sample_graph(ckpt_name: str, prefix: str, delta: str | None = None, strength: float = 1.0) -> dict:
+    """Load a checkpoint (optionally + SaRA Load), sample 2 Euler steps of an 8x8 latent, save the latent."""
+    model = ["ckpt", 0]
+    graph = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt_name}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a glyph, serif"}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": ""}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "save": {"class_type": "SaveLatent", "inputs": {"samples": ["sample", 0], "filename_prefix": f"latents/{prefix}"}},
+    }
+    if delta is not None:
+        graph["sara"] = {"class_type": "SaRALoader", "inputs": {"model": model, "delta_name": delta, "strength": strength}}
+        model = ["sara", 0]
+    graph["sample"] = {"class_type": "KSampler", "inputs": {
+        "model": model, "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0], "seed": 7,
+        "steps": 2, "cfg": 2.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}}
+    return graph
+
+
+def saved_latent(server: ComfyUIServer, prefix: str) -> torch.Tensor:
+    (path,) = (server.base / "output" / "latents").glob(f"{prefix}_*.latent")
+    return load_file(str(path))["latent_tensor"]
+
+
+def test_sampling_with_loaded_delta_equals_merged_checkpoint_and_differs_from_base(comfy) -> None:
+    server, _ = comfy
+    run_ok(server, {"merge": {"class_type": "SaRAMergeCheckpoint", "inputs": {
+        "ckpt_name": "tiny_full.safetensors", "delta_1": "a.safetensors", "strength_1": 1.0, "delta_2": "[None]",
+        "strength_2": 1.0, "delta_3": "[None]", "strength_3": 1.0, "filename": "tiny_full_a", "overwrite": False}}})
+    run_ok(server, sample_graph("tiny_full.safetensors", "base"))
+    run_ok(server, sample_graph("tiny_full.safetensors", "loaded", delta="a.safetensors"))
+    run_ok(server, sample_graph("tiny_full_a.safetensors", "merged"))
+    base, loaded, merged = (saved_latent(server, name) for name in ("base", "loaded", "merged"))
+    torch.testing.assert_close(loaded, merged, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(loaded, base, atol=1e-4)
+
+    graph = sample_graph("tiny_full.safetensors", "unused", delta="a.safetensors")
+    graph = {key: graph[key] for key in ("ckpt", "sara")}
+    graph["save_ckpt"] = {"class_type": "CheckpointSave", "inputs": {
+        "model": ["sara", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "filename_prefix": "checkpoints/builtin_save"}}
+    run_ok(server, graph)
+    (builtin,) = (server.base / "output" / "checkpoints").glob("builtin_save_*.safetensors")
+    saved, ours = load_file(str(builtin)), load_file(str(server.base / "models" / "checkpoints" / "tiny_full_a.safetensors"))
+    unet_keys = [k for k in ours if k.startswith("model.diffusion_model.")]
+    assert unet_keys and set(unet_keys) <= set(saved)
+    for key in unet_keys:
+        torch.testing.assert_close(saved[key].float(), ours[key].float(), rtol=1e-6, atol=1e-7)
