@@ -31,6 +31,20 @@ def make_delta(base: dict[str, torch.Tensor], seed: int, budget: float) -> sara_
     return sara_train.SparseDelta(layers)
 
 
+LORA_TARGETS = ("input_blocks.1.1.transformer_blocks.0.attn1.to_q", "input_blocks.1.1.transformer_blocks.0.ff.net.2")
+
+
+def make_lora(base: dict[str, torch.Tensor], rank: int = 4) -> dict[str, torch.Tensor]:
+    """A random LoRA in ComfyUI's key format on two Linear layers of the tiny UNet."""
+    generator = torch.Generator().manual_seed(5)
+    lora = {}
+    for name in LORA_TARGETS:
+        out_features, in_features = base[name + ".weight"].shape
+        lora[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(out_features, rank, generator=generator) * 0.1
+        lora[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(rank, in_features, generator=generator) * 0.1
+    return lora
+
+
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory):
     base_dir = tmp_path_factory.mktemp("comfyui")
@@ -50,6 +64,8 @@ def comfy(tmp_path_factory):
     (base_dir / "models" / "checkpoints").mkdir(parents=True)
     save_file(checkpoint, str(base_dir / "models" / "checkpoints" / "tiny_ckpt.safetensors"))
     write_tiny_sd15_checkpoint(unet_path, base_dir / "models" / "checkpoints" / "tiny_full.safetensors")
+    (base_dir / "models" / "loras").mkdir(parents=True)
+    save_file(make_lora(base), str(base_dir / "models" / "loras" / "tiny_lora.safetensors"))
     server = ComfyUIServer(base_dir)
     yield server, base
     server.stop()
@@ -235,3 +251,27 @@ def test_sampling_with_loaded_delta_equals_merged_checkpoint_and_differs_from_ba
     assert unet_keys and set(unet_keys) <= set(saved)
     for key in unet_keys:
         torch.testing.assert_close(saved[key].float(), ours[key].float(), rtol=1e-6, atol=1e-7)
+
+
+def test_chains_after_a_lora(comfy) -> None:
+    server, base = comfy
+    graph = {
+        "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny.safetensors", "weight_dtype": "default"}},
+        "lora": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["unet", 0], "lora_name": "tiny_lora.safetensors",
+                                                                 "strength_model": 0.8}},
+        "sara": {"class_type": "SaRALoader", "inputs": {"model": ["lora", 0], "delta_name": "a.safetensors", "strength": 1.0}},
+        "save": {"class_type": "ModelSave", "inputs": {"model": ["sara", 0], "filename_prefix": "diffusion_models/lora_sara"}},
+    }
+    run_ok(server, graph)
+    lora = load_file(str(server.base / "models" / "loras" / "tiny_lora.safetensors"))
+    expected = {k: v.clone() for k, v in base.items()}
+    for name in LORA_TARGETS:
+        up, down = lora[f"diffusion_model.{name}.lora_up.weight"], lora[f"diffusion_model.{name}.lora_down.weight"]
+        expected[name + ".weight"] += 0.8 * (up @ down)
+    # the LoRA moved the probe entries, so the reference skips the base check; the node checked
+    # the unpatched weights (ComfyUI applies patches lazily) and passed
+    sara_train.SparseDelta.load(server.base / "models" / "sara" / "a.safetensors").apply_to(expected, check_base=False)
+    saved = saved_unet(server, "lora_sara")
+    for key, tensor in expected.items():
+        torch.testing.assert_close(saved[key], tensor, rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(saved[name + ".weight"], base[name + ".weight"]) for name in LORA_TARGETS)
