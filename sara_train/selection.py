@@ -149,8 +149,9 @@ def select_entries(weights: Mapping[str, torch.Tensor], config: SaRAConfig
             keep(name, w.detach().reshape(-1).abs().float() < threshold)
         return threshold, flat_indices
     total = sum(w.numel() for w in weights.values())
-    cut = kth_smallest_magnitude(weights.values(), budget_to_count(config.budget, total))
-    ties_left = budget_to_count(config.budget, total) - cut.count_below
+    k = budget_to_count(config.budget, total)
+    cut = kth_smallest_magnitude(weights.values(), k)
+    ties_left = k - cut.count_below
     for name, w in weights.items():
         bits = _magnitude_bits(w)
         mask = bits < cut.value_bits

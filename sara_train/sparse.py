@@ -35,6 +35,15 @@ class _SparseWeight(torch.autograd.Function):
         return grad_values, None, None
 
 
+def probe_positions(flat_weight: torch.Tensor, flat_indices: torch.Tensor, probe_size: int) -> torch.Tensor:
+    """Sorted int32 positions of the ``probe_size`` largest-|w| entries of a flattened base weight,
+    excluding the trained ``flat_indices``: the base fingerprint a delta carries."""
+    magnitudes = flat_weight.detach().abs().float()
+    magnitudes[flat_indices] = -1.0  # trained entries are never probes
+    unselected = flat_weight.numel() - flat_indices.numel()
+    return magnitudes.topk(min(probe_size, unselected)).indices.sort().values.to(torch.int32)
+
+
 def _empty_like_indices(device: torch.device) -> torch.Tensor:
     return torch.empty(0, dtype=torch.int32, device=device)
 
@@ -67,12 +76,9 @@ class SparseUpdate(nn.Module):
         self.register_buffer("frozen_indices", _empty_like_indices(weight.device))
         self.register_buffer("frozen_delta", torch.empty(0, dtype=torch.float32, device=weight.device))
         self.register_buffer("frozen_base", self.base_values[:0].clone())
-        magnitudes = flat.abs().float()
-        magnitudes[self.flat_indices] = -1.0  # trained entries are never probes
-        unselected = flat.numel() - self.flat_indices.numel()
-        probe_indices = magnitudes.topk(min(probe_size, unselected)).indices.sort().values
-        self.register_buffer("probe_indices", probe_indices.to(torch.int32))
-        self.register_buffer("probe_values", flat[probe_indices].float())
+        probe_indices = probe_positions(flat, self.flat_indices, probe_size)
+        self.register_buffer("probe_indices", probe_indices)
+        self.register_buffer("probe_values", flat[probe_indices.long()].float())
         self._synced_version: int | None = None
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:

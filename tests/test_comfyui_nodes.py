@@ -13,6 +13,7 @@ import sara_train
 from sara_train.analysis import threshold_for_budget
 from sara_train.delta import LayerDelta
 from sara_train.selection import select_entries
+from sara_train.sparse import probe_positions
 
 
 def make_delta(base: dict[str, torch.Tensor], seed: int, budget: float) -> sara_train.SparseDelta:
@@ -23,11 +24,9 @@ def make_delta(base: dict[str, torch.Tensor], seed: int, budget: float) -> sara_
     generator = torch.Generator().manual_seed(seed)
     layers = {}
     for key, flat in indices.items():
-        magnitudes = weights[key].flatten().abs().clone()
-        magnitudes[flat.long()] = -1
-        probe = magnitudes.topk(4).indices.sort().values
+        probe = probe_positions(weights[key].flatten(), flat, 4)
         layers[key] = LayerDelta(tuple(weights[key].shape), flat, torch.randn(flat.numel(), generator=generator) * 0.01,
-                                 probe.to(torch.int32), weights[key].flatten()[probe].float())
+                                 probe, weights[key].flatten()[probe.long()].float())
     return sara_train.SparseDelta(layers)
 
 
