@@ -13,6 +13,9 @@ import sys
 if importlib.util.find_spec("sara_train") is None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+WEB_DIRECTORY = "./web"
+"""Front-end extension served by ComfyUI: the live loss chart of SaRA Train."""
+
 
 async def comfy_entrypoint():
     from .nodes import SaRAExtension

@@ -7,12 +7,14 @@ import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
 from .inspection import SaRAInspect
-from .loader import SaRALoader
+from .loader import SaRAApply, SaRALoader
 from .merge import SaRAMergeCheckpoint
+from .save import SaRASave
+from .train import SaRATrain
 
 folder_paths.add_model_folder_path("sara", os.path.join(folder_paths.models_dir, "sara"))
 
 
 class SaRAExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [SaRALoader, SaRAMergeCheckpoint, SaRAInspect]
+        return [SaRATrain, SaRASave, SaRALoader, SaRAApply, SaRAMergeCheckpoint, SaRAInspect]

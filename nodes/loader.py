@@ -1,4 +1,4 @@
-"""SaRA Load: a delta file from ``models/sara`` onto a MODEL at a strength."""
+"""SaRA Load and SaRA Apply: a delta (a file in ``models/sara``, or a SARA_DELTA) onto a MODEL at a strength."""
 from __future__ import annotations
 
 import folder_paths
@@ -7,6 +7,9 @@ from comfy_api.latest import io
 import sara_train
 
 from .adapter import patch_model
+from .train import SARA_DELTA
+
+STRENGTH_TOOLTIP = "1 applies the delta as trained, 0 leaves the model unchanged, -1 removes it."
 
 
 class SaRALoader(io.ComfyNode):
@@ -22,8 +25,7 @@ class SaRALoader(io.ComfyNode):
                 io.Model.Input("model"),
                 io.Combo.Input("delta_name", options=folder_paths.get_filename_list("sara"),
                                tooltip="A .safetensors delta in models/sara."),
-                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
-                               tooltip="1 applies the delta as trained, 0 leaves the model unchanged, -1 removes it."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01, tooltip=STRENGTH_TOOLTIP),
             ],
             outputs=[io.Model.Output()],
         )
@@ -31,4 +33,25 @@ class SaRALoader(io.ComfyNode):
     @classmethod
     def execute(cls, model, delta_name: str, strength: float) -> io.NodeOutput:
         delta = sara_train.SparseDelta.load(folder_paths.get_full_path_or_raise("sara", delta_name))
+        return io.NodeOutput(patch_model(model, delta, strength))
+
+
+class SaRAApply(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SaRAApply",
+            display_name="SaRA Apply",
+            category="sara",
+            description="Add a SARA_DELTA (e.g. straight from SaRA Train, no file) to a model at a strength.",
+            inputs=[
+                io.Model.Input("model"),
+                SARA_DELTA.Input("delta"),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01, tooltip=STRENGTH_TOOLTIP),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, delta: sara_train.SparseDelta, strength: float) -> io.NodeOutput:
         return io.NodeOutput(patch_model(model, delta, strength))

@@ -276,30 +276,48 @@ class SparseDelta:
 
     # ----------------------------------------------------------------- applying
     def apply_to(self, target: nn.Module | Mapping[str, torch.Tensor], strength: float = 1.0,
-                 check_base: bool = True) -> None:
+                 check_base: bool = True) -> RestorePoint:
         """Add ``strength * delta`` in place to a module's parameters or a state dict.
 
         Keys are matched exactly or through one common prefix (e.g. ``model.diffusion_model.``).
         Everything is checked first (keys, shapes, contiguity, base fingerprint unless
         ``check_base=False``); if applying still fails, already-changed tensors are restored.
-        Raises ``DeltaMismatchError``. ``strength=-1`` undoes ``strength=1`` (up to rounding).
+        Raises ``DeltaMismatchError``. ``strength=-1`` undoes ``strength=1`` up to rounding; the
+        returned ``RestorePoint`` undoes it bit-exactly.
         """
         tensors = _named_tensors(target)
         mapping = resolve_keys(self.layers, tensors, "the target")
         for key, target_key in mapping.items():
             check_layer_fits(key, self.layers[key], tensors[target_key], check_base)
-        applied: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        restore_point = RestorePoint()
         with torch.no_grad():
             try:
                 for key, target_key in mapping.items():
                     tensor, layer = tensors[target_key], self.layers[key]
-                    indices = layer.flat_indices.to(tensor.device)
-                    applied.append((tensor, indices, tensor.view(-1)[indices].clone()))
+                    restore_point.remember(tensor, layer.flat_indices)
                     add_sparse_(tensor, layer, strength)
             except BaseException:
-                for tensor, indices, old in applied:
-                    tensor.view(-1)[indices] = old
+                restore_point.restore()
                 raise
+        return restore_point
+
+
+class RestorePoint:
+    """The old values of tensors at the positions a delta changed; ``restore()`` puts them back."""
+
+    def __init__(self) -> None:
+        self._saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def remember(self, tensor: torch.Tensor, flat_indices: torch.Tensor) -> None:
+        indices = flat_indices.to(tensor.device)
+        self._saved.append((tensor, indices, tensor.view(-1)[indices].clone()))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Write the remembered values back, bit-exactly; a second call does nothing."""
+        for tensor, indices, old in reversed(self._saved):
+            tensor.view(-1)[indices] = old
+        self._saved.clear()
 
 
 def _probes_agree(layer: LayerDelta, other: LayerDelta) -> bool:

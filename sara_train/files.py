@@ -94,6 +94,12 @@ def read_safetensors_header(path: str | os.PathLike, error: type[SaRAError] = Sa
     return SafetensorsHeader(path, tensors, {str(k): str(v) for k, v in metadata.items()}, data_start)
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``.
@@ -106,6 +112,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     temp = Path(temp_name)
+    os.chmod(temp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the usual permissions
     try:
         yield temp
         with temp.open("rb+") as file:

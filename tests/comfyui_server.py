@@ -14,6 +14,13 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import torch
+
+import sara_train
+from sara_train.delta import LayerDelta
+from sara_train.selection import select_entries
+from sara_train.sparse import probe_positions
+
 REPO = Path(__file__).resolve().parent.parent
 
 TINY_SD15_UNET = """
@@ -154,3 +161,46 @@ def execution_error(entry: dict) -> str:
         if kind == "execution_error":
             return f"{data.get('exception_type')}: {data.get('exception_message')}"
     return ""
+
+
+def make_delta(base: dict[str, torch.Tensor], seed: int, budget: float) -> sara_train.SparseDelta:
+    """A delta over the base's 2-D+ weights: random updates at the smallest-|w| entries, probes at
+    the largest, exactly as ``SaRAHandle.delta`` records them."""
+    weights = {k: v for k, v in base.items() if k.endswith("weight") and v.dim() >= 2}
+    _, indices = select_entries(weights, sara_train.SaRAConfig(budget=budget))
+    generator = torch.Generator().manual_seed(seed)
+    layers = {}
+    for key, flat in indices.items():
+        probe = probe_positions(weights[key].flatten(), flat, 4)
+        layers[key] = LayerDelta(tuple(weights[key].shape), flat, torch.randn(flat.numel(), generator=generator) * 0.01,
+                                 probe, weights[key].flatten()[probe.long()].float())
+    return sara_train.SparseDelta(layers)
+
+
+LORA_TARGETS = ("input_blocks.1.1.transformer_blocks.0.attn1.to_q", "input_blocks.1.1.transformer_blocks.0.ff.net.2")
+
+
+def make_lora(base: dict[str, torch.Tensor], rank: int = 4) -> dict[str, torch.Tensor]:
+    """A random LoRA in ComfyUI's key format on two Linear layers of the tiny UNet."""
+    generator = torch.Generator().manual_seed(5)
+    lora = {}
+    for name in LORA_TARGETS:
+        out_features, in_features = base[name + ".weight"].shape
+        lora[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(out_features, rank, generator=generator) * 0.1
+        lora[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(rank, in_features, generator=generator) * 0.1
+    return lora
+
+
+def write_training_images(folder: Path, count: int = 4, size: int = 64) -> list[str]:
+    """``count`` distinct RGB images (colour gradients with a square) as ``train_<i>.png``."""
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(count):
+        image = Image.linear_gradient("L").resize((size, size)).convert("RGB")
+        draw = ImageDraw.Draw(image)
+        draw.rectangle([8 + 8 * i, 8, 24 + 8 * i, 40], fill=(255 - 50 * i, 40 * i, 120))
+        names.append(f"train_{i}.png")
+        image.save(folder / names[-1])
+    return names

@@ -32,3 +32,43 @@ def tiny_net() -> TinyNet:
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     return torch.randn(6, 3, 5, 5, generator=generator), torch.randn(6, 4, generator=generator)
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory):
+    """A running ComfyUI with tiny models: ``(server, base UNet state dict)``.
+
+    models/unet/tiny.safetensors (the SD1.5-detected tiny UNet), models/checkpoints/tiny_ckpt
+    (that UNet alone under model.diffusion_model.) and tiny_full (with random CLIP-L and SD VAE),
+    models/sara: deltas a/b, one for another model, a truncated one and a pickle;
+    models/loras/tiny_lora; input/train_*.png: four 64x64 training images.
+    """
+    import pickle
+
+    from comfyui_server import (ComfyUIServer, make_delta, make_lora, write_tiny_sd15_checkpoint,
+                                write_training_images, write_tiny_unet)
+    from safetensors.torch import load_file, save_file
+
+    base_dir = tmp_path_factory.mktemp("comfyui")
+    unet_path = write_tiny_unet(base_dir / "models" / "unet" / "tiny.safetensors")
+    base = load_file(str(unet_path))
+    sara_dir = base_dir / "models" / "sara"
+    sara_dir.mkdir(parents=True)
+    make_delta(base, 1, 0.05).save(sara_dir / "a.safetensors")
+    make_delta(base, 2, 0.02).save(sara_dir / "b.safetensors")
+    other = {"other.weight": torch.randn(8, 8), "other2.weight": torch.randn(4, 8)}
+    make_delta(other, 3, 0.5).save(sara_dir / "other_model.safetensors")
+    data = (sara_dir / "a.safetensors").read_bytes()
+    (sara_dir / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    (sara_dir / "pickled.safetensors").write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    checkpoint = {"model.diffusion_model." + k: v for k, v in base.items()}
+    checkpoint["first_stage_model.decoder.conv_in.weight"] = torch.randn(8, 4, 3, 3)
+    (base_dir / "models" / "checkpoints").mkdir(parents=True)
+    save_file(checkpoint, str(base_dir / "models" / "checkpoints" / "tiny_ckpt.safetensors"))
+    write_tiny_sd15_checkpoint(unet_path, base_dir / "models" / "checkpoints" / "tiny_full.safetensors")
+    (base_dir / "models" / "loras").mkdir(parents=True)
+    save_file(make_lora(base), str(base_dir / "models" / "loras" / "tiny_lora.safetensors"))
+    write_training_images(base_dir / "input")
+    server = ComfyUIServer(base_dir)
+    yield server, base
+    server.stop()

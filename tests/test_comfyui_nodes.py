@@ -1,73 +1,14 @@
 """SaRA nodes inside a real ComfyUI server, driven over HTTP (see comfyui_server.py)."""
 from __future__ import annotations
 
-import pickle
-
 import pytest
 import torch
-from comfyui_server import ComfyUIServer, execution_error, write_tiny_sd15_checkpoint, write_tiny_unet
+from comfyui_server import LORA_TARGETS, ComfyUIServer, execution_error
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import sara_train
 from sara_train.analysis import threshold_for_budget
-from sara_train.delta import LayerDelta
-from sara_train.selection import select_entries
-from sara_train.sparse import probe_positions
-
-
-def make_delta(base: dict[str, torch.Tensor], seed: int, budget: float) -> sara_train.SparseDelta:
-    """A delta over the base's 2-D+ weights: random updates at the smallest-|w| entries, probes at
-    the largest, exactly as ``SaRAHandle.delta`` records them."""
-    weights = {k: v for k, v in base.items() if k.endswith("weight") and v.dim() >= 2}
-    _, indices = select_entries(weights, sara_train.SaRAConfig(budget=budget))
-    generator = torch.Generator().manual_seed(seed)
-    layers = {}
-    for key, flat in indices.items():
-        probe = probe_positions(weights[key].flatten(), flat, 4)
-        layers[key] = LayerDelta(tuple(weights[key].shape), flat, torch.randn(flat.numel(), generator=generator) * 0.01,
-                                 probe, weights[key].flatten()[probe.long()].float())
-    return sara_train.SparseDelta(layers)
-
-
-LORA_TARGETS = ("input_blocks.1.1.transformer_blocks.0.attn1.to_q", "input_blocks.1.1.transformer_blocks.0.ff.net.2")
-
-
-def make_lora(base: dict[str, torch.Tensor], rank: int = 4) -> dict[str, torch.Tensor]:
-    """A random LoRA in ComfyUI's key format on two Linear layers of the tiny UNet."""
-    generator = torch.Generator().manual_seed(5)
-    lora = {}
-    for name in LORA_TARGETS:
-        out_features, in_features = base[name + ".weight"].shape
-        lora[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(out_features, rank, generator=generator) * 0.1
-        lora[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(rank, in_features, generator=generator) * 0.1
-    return lora
-
-
-@pytest.fixture(scope="module")
-def comfy(tmp_path_factory):
-    base_dir = tmp_path_factory.mktemp("comfyui")
-    unet_path = write_tiny_unet(base_dir / "models" / "unet" / "tiny.safetensors")
-    base = load_file(str(unet_path))
-    sara_dir = base_dir / "models" / "sara"
-    sara_dir.mkdir(parents=True)
-    make_delta(base, 1, 0.05).save(sara_dir / "a.safetensors")
-    make_delta(base, 2, 0.02).save(sara_dir / "b.safetensors")
-    other = {"other.weight": torch.randn(8, 8), "other2.weight": torch.randn(4, 8)}
-    make_delta(other, 3, 0.5).save(sara_dir / "other_model.safetensors")
-    data = (sara_dir / "a.safetensors").read_bytes()
-    (sara_dir / "truncated.safetensors").write_bytes(data[: len(data) // 2])
-    (sara_dir / "pickled.safetensors").write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
-    checkpoint = {"model.diffusion_model." + k: v for k, v in base.items()}
-    checkpoint["first_stage_model.decoder.conv_in.weight"] = torch.randn(8, 4, 3, 3)
-    (base_dir / "models" / "checkpoints").mkdir(parents=True)
-    save_file(checkpoint, str(base_dir / "models" / "checkpoints" / "tiny_ckpt.safetensors"))
-    write_tiny_sd15_checkpoint(unet_path, base_dir / "models" / "checkpoints" / "tiny_full.safetensors")
-    (base_dir / "models" / "loras").mkdir(parents=True)
-    save_file(make_lora(base), str(base_dir / "models" / "loras" / "tiny_lora.safetensors"))
-    server = ComfyUIServer(base_dir)
-    yield server, base
-    server.stop()
 
 
 def save_graph(loaders: list[tuple[str, float]], prefix: str) -> dict:

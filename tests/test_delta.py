@@ -73,6 +73,19 @@ def test_apply_to_fresh_copy_reproduces_the_trained_model(trained, batch, tmp_pa
     torch.testing.assert_close(fresh(x), base_out, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_restore_point_undoes_apply_bit_exactly(trained, dtype: torch.dtype) -> None:
+    pristine, _, delta = trained
+    state = {k: v.to(dtype) for k, v in pristine.state_dict().items()}
+    before = {k: v.clone() for k, v in state.items()}
+    restore_point = delta.apply_to(state, strength=0.7)
+    assert any(not torch.equal(state[k], before[k]) for k in state)
+    restore_point.restore()
+    assert all(torch.equal(state[k], before[k]) for k in state)
+    restore_point.restore()  # a second call changes nothing
+    assert all(torch.equal(state[k], before[k]) for k in state)
+
+
 def test_strength_zero_and_half(trained, batch) -> None:
     pristine, model, delta = trained
     x, _ = batch

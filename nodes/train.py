@@ -1,0 +1,226 @@
+"""SaRA Train: fine-tune the smallest-|w| entries of a MODEL on latents inside a ComfyUI graph."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+
+import comfy.model_management
+import comfy_extras.nodes_custom_sampler
+import folder_paths
+import torch
+from comfy_api.latest import io
+from server import PromptServer
+
+import sara_train
+from sara_train import SaRAConfig, SparseDelta
+
+from .adapter import patch_model
+from .train_data import TrainingSet, build_training_set
+from .train_loop import CancelWatch, SaRATrainSampler, StepReport, TrainOutcome, TrainSettings
+
+log = logging.getLogger("comfyui-sara")
+NONE = "[None]"
+LOSS_EVENT = "sara.loss"
+RANK_LAYERS_PER_STEP = 4
+"""Layers whose nuclear norm is taken per step, in rotation (measured at 0.5% of a step)."""
+TRAINING_DTYPES = {"bf16": torch.bfloat16, "fp32": None}
+SARA_DELTA = io.Custom("SARA_DELTA")
+LOSS_MAP = io.Custom("LOSS_MAP")
+
+
+class SaRATrain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SaRATrain",
+            display_name="SaRA Train",
+            category="sara",
+            description="Fine-tune a model with SaRA: only the weight entries with the smallest |w| train, as a "
+                        "sparse update kept low-rank by a nuclear-norm loss and re-selected half way.",
+            is_input_list=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The model to fine-tune (it is not changed; the output is a copy)."),
+                io.Latent.Input("latents", tooltip="Training images encoded with VAE Encode: one batch, or a list "
+                                                   "(images of different sizes train in per-size batches)."),
+                io.Conditioning.Input("positive", tooltip="One conditioning for all images, or one per image (a "
+                                                          "list, or one conditioning with one entry per image)."),
+                io.Int.Input("steps", default=200, min=1, max=1_000_000, tooltip="Optimizer steps."),
+                io.Int.Input("batch_size", default=1, min=1, max=1024),
+                io.Int.Input("grad_accumulation", default=1, min=1, max=1024,
+                             tooltip="Batches whose gradients are summed per optimizer step."),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-8, max=1.0, step=1e-6),
+                io.Float.Input("budget", default=0.05, min=1e-6, max=1.0, step=0.001,
+                               tooltip="Fraction of the weight entries that train (the smallest |w|)."),
+                io.Float.Input("threshold", default=0.0, min=0.0, max=10.0, step=1e-5,
+                               tooltip="If > 0, train the entries with |w| below this instead of using the budget."),
+                io.Float.Input("rank_loss_weight", default=1e-4, min=0.0, max=10.0, step=1e-5,
+                               tooltip="Weight of the nuclear-norm loss that keeps each layer's update low-rank."),
+                io.Float.Input("progressive_fraction", default=0.5, min=0.0, max=1.0, step=0.05,
+                               tooltip="Re-select the entries still below the threshold after this fraction of "
+                                       "the steps (0 = never)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF),
+                io.Combo.Input("training_dtype", options=list(TRAINING_DTYPES), default="bf16",
+                               tooltip="Mixed-precision compute dtype; the trainable values stay fp32."),
+                io.Boolean.Input("gradient_checkpointing", default=True,
+                                 tooltip="Recompute activations in backward: less memory, ~30% slower."),
+                io.Int.Input("save_every", default=0, min=0, max=1_000_000,
+                             tooltip="Write the delta to models/sara every N steps (0 = off)."),
+                io.String.Input("save_prefix", default="sara_delta",
+                                tooltip="File name prefix of the periodic saves in models/sara."),
+                io.Combo.Input("existing_delta", options=[NONE, *folder_paths.get_filename_list("sara")],
+                               default=NONE, tooltip="Continue training from this delta (models/sara)."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The input model with the learned delta applied."),
+                SARA_DELTA.Output(display_name="delta"),
+                LOSS_MAP.Output(display_name="loss_map", tooltip="{'loss': [...]}, for the Plot Loss Graph node."),
+            ],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,  # it shows the loss chart and status, and runs even with nothing attached
+        )
+
+    @classmethod
+    def execute(cls, model, latents, positive, **options) -> io.NodeOutput:
+        options = {name: values[0] for name, values in options.items()}
+        model = model[0]
+        with torch.inference_mode(False):
+            data = build_training_set([clone_tensors(latent) for latent in latents],
+                                      [clone_tensors(conditioning) for conditioning in positive])
+            settings = settings_from_options(options)
+            periodic = PeriodicSaver(options["save_every"], options["save_prefix"], settings.steps)
+            node_id = cls.hidden.unique_id
+            cancel = CancelWatch(settings.steps, node_id)
+            started = time.perf_counter()
+
+            def on_step(report: StepReport) -> None:
+                PromptServer.instance.send_sync(LOSS_EVENT, {"node": node_id, "step": report.step,
+                                                             "total": settings.steps, "loss": report.loss})
+                periodic.maybe_save(report)
+                cancel.progress(report.step)
+
+            outcome = train(model, data, settings, on_step, cancel.requested)
+            seconds = time.perf_counter() - started
+            metadata = training_metadata(model, data, options, settings, outcome.steps_done, outcome.losses, seconds)
+            delta = SparseDelta(outcome.delta.layers, outcome.delta.selection, metadata)
+            if outcome.cancelled:
+                log.warning("SaRA Train: cancelled after %d of %d steps; returning what was learned",
+                            outcome.steps_done, settings.steps)
+                if outcome.steps_done:
+                    periodic.save(outcome.steps_done, delta)
+            log.info("SaRA Train: %d steps in %.1f s, %s trainable entries, final loss %s", outcome.steps_done,
+                     seconds, f"{outcome.num_trainable:,}", f"{outcome.losses[-1]:.5f}" if outcome.losses else "-")
+        trained_model = patch_model(model, delta, 1.0, check_base=False)
+        ui = {"sara_loss": outcome.losses, "sara_status": [status_line(outcome, settings.steps, seconds)]}
+        return io.NodeOutput(trained_model, delta, {"loss": outcome.losses}, ui=ui)
+
+
+def train(model, data: TrainingSet, settings: TrainSettings, on_step: Callable[[StepReport], None],
+          should_stop: Callable[[], bool]) -> TrainOutcome:
+    """Train SaRA on a clone of ``model`` (a ModelPatcher) through ComfyUI's sampling machinery."""
+    patcher = model.clone()
+    if settings.autocast_dtype is not None:
+        patcher.set_model_compute_dtype(settings.autocast_dtype)
+    comfy.model_management.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
+    flat_conditioning, slices = [], []
+    for conditioning in data.conditionings:
+        slices.append(slice(len(flat_conditioning), len(flat_conditioning) + len(conditioning)))
+        flat_conditioning.extend(conditioning)
+    sampler = SaRATrainSampler(data, settings, slices, on_step, should_stop)
+    guider = comfy_extras.nodes_custom_sampler.Guider_Basic(patcher)
+    guider.set_conds(flat_conditioning)
+    shape = (1, *data.buckets[0].latents.shape[1:])
+    placeholder = torch.zeros(shape)
+    guider.sample(placeholder, placeholder, sampler, torch.ones(2), seed=settings.seed)
+    return sampler.outcome
+
+
+def settings_from_options(options: dict) -> TrainSettings:
+    steps = options["steps"]
+    threshold = options["threshold"]
+    selection = SaRAConfig(threshold=threshold) if threshold > 0 else SaRAConfig(budget=float(options["budget"]))
+    progressive_at = round(options["progressive_fraction"] * steps)
+    existing = None
+    if options["existing_delta"] not in (None, NONE):
+        existing = SparseDelta.load(folder_paths.get_full_path_or_raise("sara", options["existing_delta"]))
+    return TrainSettings(
+        steps=steps, batch_size=options["batch_size"], grad_accumulation=options["grad_accumulation"],
+        learning_rate=options["learning_rate"], selection=selection, rank_weight=options["rank_loss_weight"],
+        rank_layers_per_step=RANK_LAYERS_PER_STEP,
+        progressive_at=progressive_at if 0 < progressive_at < steps else None,
+        seed=options["seed"], autocast_dtype=TRAINING_DTYPES[options["training_dtype"]],
+        gradient_checkpointing=options["gradient_checkpointing"], existing=existing)
+
+
+class PeriodicSaver:
+    """Writes ``models/sara/<run>_step<N>.safetensors`` every ``every`` steps. ``<run>`` is
+    ``<prefix>_<NNN>``, the first counter no existing file uses, so runs never overwrite each
+    other. Files are written atomically (a cancelled or failed save leaves no partial file)."""
+
+    def __init__(self, every: int, prefix: str, total_steps: int) -> None:
+        if every and (not prefix or os.path.basename(prefix) != prefix or prefix.startswith(".")):
+            raise ValueError(f"save_prefix must be a plain file name, got {prefix!r}")
+        self.every = every
+        self.prefix = prefix
+        self.digits = len(str(total_steps))
+        self.run_name: str | None = None
+
+    def maybe_save(self, report: StepReport) -> None:
+        if self.every and report.step % self.every == 0:
+            self.save(report.step, report.current_delta())
+
+    def save(self, step: int, delta: SparseDelta) -> None:
+        if not self.every:
+            return
+        folder = folder_paths.get_folder_paths("sara")[0]
+        if self.run_name is None:
+            os.makedirs(folder, exist_ok=True)
+            taken = os.listdir(folder)
+            counter = 1
+            while any(name.startswith(f"{self.prefix}_{counter:03d}_") for name in taken):
+                counter += 1
+            self.run_name = f"{self.prefix}_{counter:03d}"
+        path = os.path.join(folder, f"{self.run_name}_step{step:0{self.digits}d}.safetensors")
+        delta.save(path, dtype=torch.float16)
+        log.info("SaRA Train: saved %s", path)
+
+
+def training_metadata(model, data: TrainingSet, options: dict, settings: TrainSettings, steps_done: int,
+                      losses: list[float], seconds: float) -> dict[str, str]:
+    """What a saved delta records about how it was made (strings, for safetensors metadata)."""
+    metadata = {
+        "trainer": f"comfyui-sara SaRA Train {sara_train.__version__}",
+        "base_model_type": type(model.model.model_config).__name__,
+        "steps": str(steps_done),
+        "images": str(data.num_images),
+        "training_seconds": f"{seconds:.1f}",
+        "final_loss": f"{losses[-1]:.6g}" if losses else "",
+    }
+    for name in ("steps", "batch_size", "grad_accumulation", "learning_rate", "budget", "threshold",
+                 "rank_loss_weight", "progressive_fraction", "seed", "training_dtype", "gradient_checkpointing",
+                 "existing_delta"):
+        metadata[f"option_{name}"] = str(options[name])
+    if settings.existing is not None:
+        previous = settings.existing.metadata.get("steps", "")
+        if previous.isdigit():
+            metadata["steps"] = str(int(previous) + steps_done)
+    return metadata
+
+
+def status_line(outcome: TrainOutcome, total_steps: int, seconds: float) -> str:
+    state = "cancelled" if outcome.cancelled else "done"
+    loss = f", final loss {outcome.losses[-1]:.4f}" if outcome.losses else ""
+    return (f"{state}: {outcome.steps_done}/{total_steps} steps in {seconds:.1f} s, "
+            f"{outcome.num_trainable:,} trainable entries{loss}")
+
+
+def clone_tensors(value):
+    """A copy of a LATENT/CONDITIONING structure whose tensors are normal (not inference-mode) tensors."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {key: clone_tensors(item) for key, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(clone_tensors(item) for item in value)
+    return value

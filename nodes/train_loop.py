@@ -1,0 +1,264 @@
+"""The SaRA training loop, run as a ComfyUI sampler so it works for every model type ComfyUI loads.
+
+``CFGGuider.sample`` loads the model, prepares the conditioning for the model type and calls
+``SaRATrainSampler.sample``. There, SaRA is injected into the loaded diffusion model in place
+(ComfyUI model clones share one module), each step draws sigmas with
+``model_sampling.percent_to_sigma``, noises latents with ``model_sampling.noise_scaling``, predicts
+the clean latent through the guider (ComfyUI's model wrapper) and takes the MSE in the model's own
+output space (``x0_per_model_output``). Afterwards the
+learned update is taken as a ``SparseDelta`` and the shared weights are restored bit-exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import comfy.model_management
+import comfy.samplers
+import comfy.utils
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+import sara_train
+from sara_train import SaRAConfig, SparseDelta
+
+from .train_data import Bucket, TrainingSet
+
+PERCENT_MARGIN = 1e-4
+"""Sigma percentiles are drawn from [m, 1 - m]: percent 0 maps to an 'infinite' sigma in ComfyUI."""
+
+
+@dataclass
+class TrainSettings:
+    steps: int
+    batch_size: int
+    grad_accumulation: int
+    learning_rate: float
+    selection: SaRAConfig
+    rank_weight: float
+    rank_layers_per_step: int
+    progressive_at: int | None
+    """Optimizer step after which the trainable entries are re-selected (None: never)."""
+    seed: int
+    autocast_dtype: torch.dtype | None
+    """Mixed-precision dtype (None: train in the model's own precision)."""
+    gradient_checkpointing: bool
+    existing: SparseDelta | None = None
+    """A delta to continue from: added to the weights first and included in the result."""
+
+
+@dataclass
+class TrainOutcome:
+    delta: SparseDelta
+    """Everything learned (including ``existing``), values fp32, keys relative to the diffusion model."""
+    losses: list[float]
+    steps_done: int
+    cancelled: bool
+    num_trainable: int
+    threshold: float
+
+
+@dataclass
+class StepReport:
+    step: int
+    loss: float
+    current_delta: Callable[[], SparseDelta]
+    """Builds the delta learned so far (costs a copy of the values; call it only to save)."""
+
+
+@dataclass
+class SaRATrainSampler(comfy.samplers.Sampler):
+    """A ``comfy.samplers.Sampler`` whose ``sample`` trains instead of sampling.
+
+    ``conditioning_slices[i]`` is the slice of the guider's flat positive conditioning that
+    belongs to ``data.conditionings[i]``. ``on_step(report)`` runs after every optimizer step;
+    ``should_stop()`` before every step (the Cancel button). The result is in ``outcome``.
+    """
+
+    data: TrainingSet
+    settings: TrainSettings
+    conditioning_slices: list[slice]
+    on_step: Callable[[StepReport], None]
+    should_stop: Callable[[], bool]
+    outcome: TrainOutcome | None = field(default=None, init=False)
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        base_model = model_wrap.inner_model
+        network: nn.Module = base_model.diffusion_model
+        device = next(network.parameters()).device
+        buckets = [Bucket(base_model.process_latent_in(b.latents.to(device)), b.conditioning_ids)
+                   for b in self.data.buckets]
+        all_conds = model_wrap.conds["positive"]
+        if len(all_conds) != self.conditioning_slices[-1].stop:
+            raise RuntimeError(f"ComfyUI prepared {len(all_conds)} conditioning entries, expected "
+                               f"{self.conditioning_slices[-1].stop}")
+        with contextlib.ExitStack() as cleanup:
+            make_trainable_tensors(network)
+            existing = self.settings.existing
+            if existing is not None:
+                cleanup.callback(existing.apply_to(network).restore)
+            optimizer = sara_train.SaRAAdamW(
+                network, lr=self.settings.learning_rate, config=self.settings.selection,
+                rank_weight=self.settings.rank_weight, rank_layers_per_step=self.settings.rank_layers_per_step,
+                progressive_at=self.settings.progressive_at)
+            handle = optimizer.handle
+            cleanup.callback(handle.remove, merge=False)
+            if self.settings.gradient_checkpointing:
+                cleanup.enter_context(checkpointed_blocks(network))
+
+            def current_delta() -> SparseDelta:
+                learned = handle.delta()
+                return learned if existing is None else SparseDelta.stack([existing, learned], check_base=False)
+
+            generator = torch.Generator().manual_seed(self.settings.seed)
+            losses: list[float] = []
+            cancelled = False
+            try:
+                for step in range(1, self.settings.steps + 1):
+                    if self.should_stop():
+                        cancelled = True
+                        break
+                    try:
+                        loss = sum(self._micro_batch(model_wrap, extra_args, buckets, all_conds, generator)
+                                   for _ in range(self.settings.grad_accumulation)) / self.settings.grad_accumulation
+                    except comfy.model_management.InterruptProcessingException:
+                        # Cancel seen by ComfyUI's layers mid-step (they check on every op): drop this step.
+                        optimizer.zero_grad(set_to_none=True)
+                        cancelled = True
+                        break
+                    if not torch.isfinite(torch.tensor(loss)):
+                        raise ValueError(f"the training loss became {loss} at step {step}; lower the learning "
+                                         "rate or check the training data")
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    losses.append(loss)
+                    self.on_step(StepReport(step, loss, current_delta))
+            finally:
+                model_wrap.conds["positive"] = all_conds
+            self.outcome = TrainOutcome(current_delta(), losses, len(losses), cancelled,
+                                        handle.num_trainable, handle.threshold)
+        return torch.zeros_like(latent_image)
+
+    def _micro_batch(self, model_wrap, extra_args, buckets: list[Bucket], all_conds: list,
+                     generator: torch.Generator) -> float:
+        """Forward and backward one batch (scaled for accumulation); returns its mean loss."""
+        sizes = torch.tensor([len(b.conditioning_ids) for b in buckets], dtype=torch.float)
+        bucket = buckets[int(torch.multinomial(sizes, 1, generator=generator))]
+        rows = torch.randperm(len(bucket.conditioning_ids), generator=generator)[:self.settings.batch_size]
+        model_sampling = model_wrap.inner_model.model_sampling
+        percents = torch.rand(len(rows), generator=generator).clamp(PERCENT_MARGIN, 1 - PERCENT_MARGIN)
+        device = bucket.latents.device
+        sigma = torch.tensor([float(model_sampling.percent_to_sigma(float(p))) for p in percents], device=device)
+        noise = torch.randn((len(rows), *bucket.latents.shape[1:]), generator=generator).to(device)
+        clean = bucket.latents[rows.to(device)]
+        noisy = model_sampling.noise_scaling(sigma, noise, clean, False)
+        target = model_sampling.noise_scaling(torch.zeros_like(sigma), torch.zeros_like(noise), clean, False)
+        output_scale = x0_per_model_output(model_sampling, sigma, clean)
+
+        total = 0.0
+        groups: dict[int, list[int]] = {}
+        for position, row in enumerate(rows.tolist()):
+            groups.setdefault(bucket.conditioning_ids[row], []).append(position)
+        for conditioning_id, positions in groups.items():
+            model_wrap.conds["positive"] = all_conds[self.conditioning_slices[conditioning_id]]
+            index = torch.tensor(positions, device=device)
+            dtype = self.settings.autocast_dtype
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                prediction = model_wrap(noisy[index], sigma[index], **extra_args)
+            loss = F.mse_loss(prediction.float() / output_scale[index], target[index].float() / output_scale[index])
+            share = len(positions) / len(rows)
+            (loss * (share / self.settings.grad_accumulation)).backward()
+            total += float(loss.detach()) * share
+        return total
+
+
+@torch.no_grad()
+def make_trainable_tensors(root: nn.Module) -> int:
+    """Replace ``root``'s inference-mode parameters and buffers by normal copies, one at a time.
+
+    ComfyUI loads models under ``torch.inference_mode``; such tensors can neither be
+    parametrized nor saved for backward. The copies hold the same values, so every clone of the
+    ComfyUI model sharing this module is unaffected. Returns the number of tensors replaced.
+    """
+    replaced = 0
+    for module in root.modules():
+        for store in (module._parameters, module._buffers):
+            for name, tensor in store.items():
+                if tensor is not None and tensor.is_inference():
+                    copy = tensor.clone()
+                    store[name] = nn.Parameter(copy, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else copy
+                    replaced += 1
+    return replaced
+
+
+def x0_per_model_output(model_sampling, sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """|d x0 / d model output| at each ``sigma`` (shape ``[b, 1, ...]``, broadcastable to ``like``).
+
+    ComfyUI's denoised prediction is ``a(σ)·x_t - c(σ)·output`` for every parameterization (eps:
+    c = σ; v: c = σ·σ_d/√(σ²+σ_d²); flow: c = σ). Dividing the x0 error by c gives the MSE in the
+    model's own output space (the usual eps/v/velocity loss), whose scale does not swing with σ.
+    """
+    ones = torch.ones((len(sigma), *like.shape[1:]), device=like.device)
+    scale = model_sampling.calculate_denoised(sigma, ones, torch.zeros_like(ones)).abs()
+    return scale.amax(dim=tuple(range(1, scale.ndim)), keepdim=True).clamp_min(1e-6)
+
+
+def outermost_blocks(root: nn.Module) -> list[nn.Module]:
+    """The highest submodules of ``root`` that are not plain containers (ModuleList, Sequential,
+    ModuleDict): the units gradient checkpointing wraps."""
+    blocks = []
+    for child in root.children():
+        if isinstance(child, (nn.ModuleList, nn.Sequential, nn.ModuleDict)):
+            blocks.extend(outermost_blocks(child))
+        else:
+            blocks.append(child)
+    return blocks
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(root: nn.Module) -> Iterator[int]:
+    """Run each outermost block's forward under ``torch.utils.checkpoint`` (non-reentrant) while
+    inside; the blocks' own ``forward`` is restored on exit. Yields the number of blocks."""
+    blocks = outermost_blocks(root)
+    previous = [block.__dict__.get("forward") for block in blocks]
+    for block in blocks:
+        block.forward = functools.partial(_checkpointed, block.forward)
+    try:
+        yield len(blocks)
+    finally:
+        for block, forward in zip(blocks, previous):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
+
+
+def _checkpointed(forward: Callable, *args, **kwargs):
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+class CancelWatch:
+    """Turns ComfyUI's Cancel button into a clean stop. The interrupt flag is consumed here (so
+    nodes after SaRA Train still run with what was learned), whether it is seen directly or by
+    the progress-bar hook, which would otherwise raise out of the training loop."""
+
+    def __init__(self, total_steps: int, node_id: str | None) -> None:
+        self.progress_bar = comfy.utils.ProgressBar(total_steps, node_id=node_id)
+        self.cancelled = False
+
+    def requested(self) -> bool:
+        if comfy.model_management.processing_interrupted():
+            comfy.model_management.interrupt_current_processing(False)
+            self.cancelled = True
+        return self.cancelled
+
+    def progress(self, step: int) -> None:
+        try:
+            self.progress_bar.update_absolute(step)
+        except comfy.model_management.InterruptProcessingException:
+            self.cancelled = True

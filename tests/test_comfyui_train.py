@@ -1,0 +1,306 @@
+"""SaRA Train / Save / Apply inside a real ComfyUI server, driven over HTTP.
+
+The graphs train the tiny SD1.5-detected UNet of ``tiny_full.safetensors`` on VAE-encoded PNGs
+with CLIP-encoded prompts (random CLIP-L and VAE), on the CPU, in fp32 for exact comparisons.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+
+import pytest
+import torch
+from comfyui_server import execution_error
+from safetensors.torch import load_file, save_file
+
+import sara_train
+
+CKPT = "tiny_full.safetensors"
+
+
+def train_graph(steps: int = 30, learning_rate: float = 1e-2, images: int = 2, **options) -> dict:
+    """CheckpointLoaderSimple -> CLIPTextEncode, LoadImage x images -> VAEEncode -> LatentBatch -> SaRATrain."""
+    graph = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a red square"}},
+    }
+    latents = None
+    for i in range(images):
+        graph[f"img{i}"] = {"class_type": "LoadImage", "inputs": {"image": f"train_{i}.png"}}
+        graph[f"enc{i}"] = {"class_type": "VAEEncode", "inputs": {"pixels": [f"img{i}", 0], "vae": ["ckpt", 2]}}
+        if latents is None:
+            latents = [f"enc{i}", 0]
+        else:
+            graph[f"batch{i}"] = {"class_type": "LatentBatch", "inputs": {"samples1": latents, "samples2": [f"enc{i}", 0]}}
+            latents = [f"batch{i}", 0]
+    inputs = {"model": ["ckpt", 0], "latents": latents, "positive": ["pos", 0], "steps": steps, "batch_size": 2,
+              "grad_accumulation": 1, "learning_rate": learning_rate, "budget": 0.05, "threshold": 0.0,
+              "rank_loss_weight": 1e-4, "progressive_fraction": 0.5, "seed": 7, "training_dtype": "fp32",
+              "gradient_checkpointing": True, "save_every": 0, "save_prefix": "run", "existing_delta": "[None]"}
+    inputs.update(options)
+    graph["train"] = {"class_type": "SaRATrain", "inputs": inputs}
+    return graph
+
+
+def with_save(graph: dict, filename: str, values_dtype: str = "fp32") -> dict:
+    graph["save"] = {"class_type": "SaRASave", "inputs": {"delta": ["train", 1], "filename": filename,
+                                                          "values_dtype": values_dtype, "overwrite": True}}
+    return graph
+
+
+def with_model_save(graph: dict, model: list, prefix: str) -> dict:
+    graph[f"modelsave_{prefix}"] = {"class_type": "ModelSave", "inputs": {"model": model,
+                                                                          "filename_prefix": f"diffusion_models/tr_{prefix}"}}
+    return graph
+
+
+def with_sampling(graph: dict, model: list, prefix: str) -> dict:
+    graph[f"empty_{prefix}"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    graph[f"ks_{prefix}"] = {"class_type": "KSampler", "inputs": {
+        "model": model, "positive": ["pos", 0], "negative": ["pos", 0], "latent_image": [f"empty_{prefix}", 0],
+        "seed": 3, "steps": 2, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}}
+    graph[f"sl_{prefix}"] = {"class_type": "SaveLatent", "inputs": {"samples": [f"ks_{prefix}", 0],
+                                                                    "filename_prefix": f"latents/tr_{prefix}"}}
+    return graph
+
+
+def run_ok(server, graph: dict) -> dict:
+    entry = server.run(graph, timeout=600)
+    assert entry["status"]["status_str"] == "success", execution_error(entry) + server.read_log()
+    return entry
+
+
+def output_file(server, folder: str, prefix: str) -> str:
+    """The one file a ModelSave / SaveLatent of this module wrote with ``prefix``."""
+    matches = sorted((server.base / "output" / folder).glob(f"tr_{prefix}_0*"))
+    assert len(matches) == 1, matches
+    return str(matches[0])
+
+
+def unet_of(checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("model.diffusion_model."): v for k, v in checkpoint.items()
+            if k.startswith("model.diffusion_model.")}
+
+
+@pytest.fixture(scope="module")
+def trained(comfy):
+    """One 30-step training run: its history entry, the saved fp32 delta, and the saved weights."""
+    server, _ = comfy
+    graph = with_save(train_graph(save_every=15, save_prefix="periodic"), "trained")
+    with_model_save(graph, ["train", 0], "trained_model")
+    with_sampling(graph, ["train", 0], "trained")
+    entry = run_ok(server, graph)
+    delta = sara_train.SparseDelta.load(server.base / "models" / "sara" / "trained.safetensors")
+    weights = unet_of(load_file(output_file(server, "diffusion_models", "trained_model")))
+    return entry, delta, weights
+
+
+def test_object_info_lists_every_node_with_its_inputs(comfy) -> None:
+    server, _ = comfy
+    expected = {
+        "SaRATrain": {"model", "latents", "positive", "steps", "batch_size", "grad_accumulation", "learning_rate",
+                      "budget", "threshold", "rank_loss_weight", "progressive_fraction", "seed", "training_dtype",
+                      "gradient_checkpointing", "save_every", "save_prefix", "existing_delta"},
+        "SaRASave": {"delta", "filename", "values_dtype", "overwrite"},
+        "SaRALoader": {"model", "delta_name", "strength"},
+        "SaRAApply": {"model", "delta", "strength"},
+        "SaRAMergeCheckpoint": {"ckpt_name", "delta_1", "strength_1", "filename", "overwrite"},
+        "SaRAInspect": {"model", "budgets"},
+    }
+    for node, inputs in expected.items():
+        info = server.get(f"/object_info/{node}")[node]
+        assert info["category"] == "sara"
+        assert inputs <= set(info["input"]["required"]) | set(info["input"].get("optional", {})), node
+    train = server.get("/object_info/SaRATrain")["SaRATrain"]
+    assert train["output"] == ["MODEL", "SARA_DELTA", "LOSS_MAP"]
+
+
+def test_training_lowers_the_loss_on_the_same_draws(comfy, trained) -> None:
+    """Same seed => same images, sigmas and noise per step; with lr ~ 0 the loss stays the base
+    model's. The trained run's loss at step k (after k-1 updates) must be below the base's."""
+    server, _ = comfy
+    entry, _, _ = trained
+    losses = entry["outputs"]["train"]["sara_loss"]
+    untrained = run_ok(server, train_graph(learning_rate=1e-8))["outputs"]["train"]["sara_loss"]
+    assert len(losses) == len(untrained) == 30
+    assert losses[0] == pytest.approx(untrained[0], rel=1e-6)  # same draw, same (untouched) model
+    ratios = [a / b for a, b in zip(losses[15:], untrained[15:])]
+    assert sum(ratios) / len(ratios) < 0.98, ratios
+    assert sum(r < 1 for r in ratios) >= 13, ratios
+    assert entry["outputs"]["train"]["sara_status"][0].startswith("done: 30/30 steps")
+
+
+def test_trained_model_is_base_plus_delta_and_the_base_is_restored(comfy, trained) -> None:
+    server, base = comfy
+    _, delta, weights = trained
+    assert delta.metadata["steps"] == "30" and delta.metadata["base_model_type"] == "SD15"
+    assert delta.metadata["option_learning_rate"] == "0.01" and float(delta.metadata["final_loss"]) > 0
+    threshold = delta.selection["threshold"]
+    assert delta.num_entries > 0
+    changed = 0
+    for key, tensor in base.items():
+        if key not in delta.layers:
+            assert torch.equal(weights[key], tensor), key
+            continue
+        layer = delta.layers[key]
+        index = layer.flat_indices.long()
+        assert (tensor.flatten()[index].abs() <= threshold).all(), key  # only small-|w| entries moved
+        expected = tensor.flatten().clone()
+        expected[index] += layer.values
+        assert torch.allclose(weights[key].flatten(), expected, atol=1e-6), key
+        untouched = torch.ones(tensor.numel(), dtype=torch.bool)
+        untouched[index] = False
+        assert torch.equal(weights[key].flatten()[untouched], tensor.flatten()[untouched]), key
+        changed += int((layer.values != 0).sum())
+    assert changed > 0.5 * delta.num_entries
+    # The shared ComfyUI model went back to the pretrained weights bit-exactly.
+    run_ok(server, with_model_save({"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}}},
+                                   ["ckpt", 0], "after_training"))
+    after = unet_of(load_file(output_file(server, "diffusion_models", "after_training")))
+    assert all(torch.equal(after[key], base[key]) for key in base)
+
+
+def test_periodic_saves_are_complete_deltas(comfy, trained) -> None:
+    server, _ = comfy
+    _, delta, _ = trained
+    files = sorted(p.name for p in (server.base / "models" / "sara").glob("periodic_*"))
+    assert files == ["periodic_001_step15.safetensors", "periodic_001_step30.safetensors"]
+    last = sara_train.SparseDelta.load(server.base / "models" / "sara" / files[-1])
+    first = sara_train.SparseDelta.load(server.base / "models" / "sara" / files[0])
+    assert last.layers.keys() == delta.layers.keys()
+    for key, layer in last.layers.items():
+        assert torch.equal(layer.flat_indices, delta.layers[key].flat_indices)
+        assert torch.equal(layer.values, delta.layers[key].values.half())  # periodic saves are fp16
+    assert not all(torch.equal(first.layers[k].values, last.layers[k].values) for k in last.layers)
+
+
+def test_sampling_with_the_trained_model_equals_loading_the_saved_delta(comfy, trained) -> None:
+    server, _ = comfy
+    graph = train_graph()
+    graph = {k: v for k, v in graph.items() if k in ("ckpt", "pos")}
+    graph["loader"] = {"class_type": "SaRALoader", "inputs": {"model": ["ckpt", 0], "delta_name": "trained.safetensors",
+                                                              "strength": 1.0}}
+    with_sampling(graph, ["loader", 0], "loaded")
+    with_sampling(graph, ["ckpt", 0], "base")
+    run_ok(server, graph)
+    latent = {name: load_file(output_file(server, "latents", name))["latent_tensor"]
+              for name in ("trained", "loaded", "base")}
+    assert torch.allclose(latent["trained"], latent["loaded"], atol=1e-5)
+    assert not torch.allclose(latent["trained"], latent["base"], atol=1e-3)
+
+
+def test_apply_node_and_loss_map_feed_builtin_nodes(comfy) -> None:
+    """SaRA Apply at strength 0 gives the base; LOSS_MAP plots through the built-in loss graph."""
+    server, base = comfy
+    graph = train_graph(steps=3)
+    graph["apply0"] = {"class_type": "SaRAApply", "inputs": {"model": ["ckpt", 0], "delta": ["train", 1], "strength": 0.0}}
+    graph["apply1"] = {"class_type": "SaRAApply", "inputs": {"model": ["ckpt", 0], "delta": ["train", 1], "strength": 1.0}}
+    with_model_save(graph, ["apply0", 0], "apply0")
+    with_model_save(graph, ["apply1", 0], "apply1")
+    with_model_save(graph, ["train", 0], "train3")
+    graph["plot"] = {"class_type": "LossGraphNode", "inputs": {"loss": ["train", 2], "filename_prefix": "sara_loss"}}
+    entry = run_ok(server, graph)
+    zero = unet_of(load_file(output_file(server, "diffusion_models", "apply0")))
+    one = unet_of(load_file(output_file(server, "diffusion_models", "apply1")))
+    trained3 = unet_of(load_file(output_file(server, "diffusion_models", "train3")))
+    assert all(torch.equal(zero[k], base[k]) for k in base)
+    assert all(torch.equal(one[k], trained3[k]) for k in base)
+    assert any(not torch.equal(one[k], base[k]) for k in base)
+    assert entry["outputs"]["plot"]["images"], "the built-in Plot Loss Graph node drew the LOSS_MAP"
+
+
+def test_continuing_from_a_delta_includes_it(comfy, trained) -> None:
+    server, _ = comfy
+    _, delta, _ = trained
+    run_ok(server, with_save(train_graph(steps=2, learning_rate=1e-8, existing_delta="trained.safetensors"),
+                             "continued"))
+    continued = sara_train.SparseDelta.load(server.base / "models" / "sara" / "continued.safetensors")
+    assert continued.metadata["steps"] == "32"
+    assert continued.base_fingerprint == delta.base_fingerprint
+    for key, layer in delta.layers.items():
+        dense = torch.zeros(layer.shape).flatten()
+        dense[layer.flat_indices.long()] = layer.values
+        other = continued.layers[key]
+        dense_other = torch.zeros(layer.shape).flatten()
+        dense_other[other.flat_indices.long()] = other.values
+        assert torch.allclose(dense, dense_other, atol=1e-5), key
+
+
+def test_per_image_conditioning_trains(comfy) -> None:
+    """One CONDITIONING with one entry per image (the Train LoRA convention) pairs prompts with images."""
+    server, _ = comfy
+    graph = train_graph(steps=2)
+    graph["pos2"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a blue square"}}
+    graph["both"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["pos", 0],
+                                                                     "conditioning_2": ["pos2", 0]}}
+    graph["train"]["inputs"]["positive"] = ["both", 0]
+    entry = run_ok(server, graph)
+    assert len(entry["outputs"]["train"]["sara_loss"]) == 2
+    graph["train"]["inputs"]["latents"] = ["enc0", 0]  # 1 image, 2 conditionings: combined, not paired
+    run_ok(server, graph)
+
+
+def nan_clip_lora(path) -> None:
+    """A LoRA whose update of CLIP layer 0's fc2 is NaN: every CLIPTextEncode through it is NaN."""
+    save_file({"lora_te_text_model_encoder_layers_0_mlp_fc2.lora_up.weight": torch.full((768, 1), float("nan")),
+               "lora_te_text_model_encoder_layers_0_mlp_fc2.lora_down.weight": torch.ones(1, 3072)}, str(path))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("zero_latents", "all zeros"),
+    ("nan_conditioning", "conditioning 1 contains NaN"),
+    ("other_model_delta", "delta is for another model"),
+    ("bad_prefix", "save_prefix must be a plain file name"),
+])
+def test_bad_training_inputs_are_node_errors(comfy, case: str, message: str) -> None:
+    server, _ = comfy
+    graph = train_graph(steps=2)
+    if case == "zero_latents":
+        graph["empty"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 2}}
+        graph["train"]["inputs"]["latents"] = ["empty", 0]
+    elif case == "nan_conditioning":
+        nan_clip_lora(server.base / "models" / "loras" / "nan_clip.safetensors")
+        graph["lora"] = {"class_type": "LoraLoader", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1],
+                                                                "lora_name": "nan_clip.safetensors",
+                                                                "strength_model": 0.0, "strength_clip": 1.0}}
+        graph["pos"]["inputs"]["clip"] = ["lora", 1]
+    elif case == "other_model_delta":
+        graph["train"]["inputs"]["existing_delta"] = "other_model.safetensors"
+    else:
+        graph["train"]["inputs"].update(save_every=1, save_prefix="../escape")
+    before = sorted(p.name for p in (server.base / "models" / "sara").iterdir())
+    entry = server.run(graph)
+    assert entry["status"]["status_str"] == "error"
+    assert message in execution_error(entry), execution_error(entry)
+    assert sorted(p.name for p in (server.base / "models" / "sara").iterdir()) == before
+    assert "SaRATrain" in server.get("/object_info/SaRATrain")  # still serving
+
+
+def test_cancel_stops_training_keeps_what_was_learned_and_leaves_no_partial_file(comfy) -> None:
+    server, base = comfy
+    graph = with_save(train_graph(steps=5000, learning_rate=1e-3, save_every=3, save_prefix="cancelled"),
+                      "cancelled_final")
+    folder = server.base / "models" / "sara"
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(entry=server.run(graph, timeout=600)))
+    runner.start()
+    deadline = time.monotonic() + 300
+    while not list(folder.glob("cancelled_001_step*.safetensors")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    urllib.request.urlopen(urllib.request.Request(server.url + "/interrupt", b"", method="POST"), timeout=30)
+    runner.join(timeout=600)
+    entry = result["entry"]
+    assert entry["status"]["status_str"] == "success", execution_error(entry)
+    status = entry["outputs"]["train"]["sara_status"][0]
+    assert status.startswith("cancelled: "), status
+    steps_done = len(entry["outputs"]["train"]["sara_loss"])
+    assert 3 <= steps_done < 5000
+    assert not [p for p in folder.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+    for path in folder.glob("cancelled_*.safetensors"):
+        sara_train.SparseDelta.load(path)  # every file is complete
+    final = sara_train.SparseDelta.load(folder / "cancelled_final.safetensors")
+    assert final.metadata["steps"] == str(steps_done)
+    digits = len("5000")
+    assert (folder / f"cancelled_001_step{steps_done:0{digits}d}.safetensors").exists()
