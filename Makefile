@@ -7,8 +7,10 @@ TORCH ?= torch torchvision
 # A real ComfyUI for the node tests; point COMFYUI_DIR at your own to use it instead.
 COMFYUI_DIR ?= $(CURDIR)/.cache/comfyui
 export COMFYUI_DIR
+# The browser tests drive Debian's Chromium (apt needs root; sudo is used when not root).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install test bench clean
+.PHONY: install chromium test bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -21,7 +23,11 @@ $(VENV)/.installed: pyproject.toml scripts/get_comfyui.py | $(PY)
 
 install: $(VENV)/.installed
 
-test: install
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: install chromium
 	$(PY) -m pytest -q
 
 bench: install
