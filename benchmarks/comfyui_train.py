@@ -51,11 +51,14 @@ def base_graph(image_size: int) -> dict:
         "enc0": {"class_type": "VAEEncode", "inputs": {"pixels": ["img0", 0], "vae": ["ckpt", 2]}},
         "enc1": {"class_type": "VAEEncode", "inputs": {"pixels": ["img1", 0], "vae": ["ckpt", 2]}},
         "batch": {"class_type": "LatentBatch", "inputs": {"samples1": ["enc0", 0], "samples2": ["enc1", 0]}},
+        # A list of single latents: Train LoRA of ComfyUI 0.3.75 fails on a single LATENT batch
+        # (UnboundLocalError 'multi_res'); SaRA Train takes either.
+        "latent_list": {"class_type": "RebatchLatents", "inputs": {"latents": ["batch", 0], "batch_size": 1}},
     }
 
 
 def train_node(method: str, steps: int, rank: int) -> dict:
-    common = {"model": ["ckpt", 0], "latents": ["batch", 0], "positive": ["pos", 0], "steps": steps,
+    common = {"model": ["ckpt", 0], "latents": ["latent_list", 0], "positive": ["pos", 0], "steps": steps,
               "batch_size": 2, "seed": 0, "training_dtype": "fp32", "gradient_checkpointing": True}
     if method == "sara":
         return {"class_type": "SaRATrain", "inputs": {

@@ -241,6 +241,16 @@ def test_per_image_conditioning_trains(comfy) -> None:
     run_ok(server, graph)
 
 
+def test_default_bf16_training_runs_and_learns(comfy) -> None:
+    """The default mixed precision (bf16 compute through ComfyUI's manual cast + autocast)."""
+    server, _ = comfy
+    run_ok(server, with_save(train_graph(steps=3, training_dtype="bf16"), "bf16_run"))
+    delta = sara_train.SparseDelta.load(server.base / "models" / "sara" / "bf16_run.safetensors")
+    assert delta.metadata["option_training_dtype"] == "bf16"
+    values = torch.cat([layer.values.float() for layer in delta.layers.values()])
+    assert torch.isfinite(values).all() and (values != 0).float().mean() > 0.5
+
+
 def nan_clip_lora(path) -> None:
     """A LoRA whose update of CLIP layer 0's fc2 is NaN: every CLIPTextEncode through it is NaN."""
     save_file({"lora_te_text_model_encoder_layers_0_mlp_fc2.lora_up.weight": torch.full((768, 1), float("nan")),
