@@ -1,0 +1,55 @@
+"""SaRA patches in ComfyUI's lowvram mode: the weights stay unpatched and ComfyUI's LowVramPatch
+runs our WeightAdapterBase per forward. The test server is CPU-only (no vram management), so this
+loads the model in-process with ``ModelPatcher.load(lowvram_model_memory=1)``, which puts every
+module on that per-forward path, and compares with a full load."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from comfyui_server import REPO, comfyui_dir
+
+LOWVRAM_SCRIPT = """
+import json, sys, torch
+sys.path[:0] = [sys.argv[2], sys.argv[2] + "/tests", sys.argv[1]]  # our nodes/ before ComfyUI's nodes.py
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import comfy.sd
+from safetensors.torch import load_file
+from comfyui_server import make_delta
+from nodes.adapter import patch_model
+
+model = comfy.sd.load_diffusion_model(sys.argv[3])
+patched = patch_model(model, make_delta(load_file(sys.argv[3]), 1, 0.05), 1.0)
+generator = torch.Generator().manual_seed(0)
+x, context = torch.randn(1, 4, 8, 8, generator=generator), torch.randn(1, 77, 768, generator=generator)
+
+def forward(patcher):
+    with torch.no_grad():
+        return patcher.model.diffusion_model(x, timesteps=torch.tensor([500.0]), context=context)
+
+patched.load(torch.device("cpu"), lowvram_model_memory=1)
+per_forward = sum(1 for m in patched.model.modules() if getattr(m, "weight_function", None))
+lowvram = forward(patched)
+patched.unpatch_model()
+patched.load(torch.device("cpu"), full_load=True)
+full = forward(patched)
+patched.unpatch_model()
+model.load(torch.device("cpu"), full_load=True)
+base = forward(model)
+print(json.dumps({"per_forward": per_forward, "lowvram_vs_full": (lowvram - full).abs().max().item(),
+                  "full_vs_base": (full - base).abs().max().item()}))
+"""
+
+
+def test_lowvram_patching_equals_a_full_load(comfy) -> None:
+    server, _ = comfy
+    unet = server.base / "models" / "unet" / "tiny.safetensors"
+    out = subprocess.run([sys.executable, "-c", LOWVRAM_SCRIPT, str(comfyui_dir()), str(REPO), str(unet)],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["per_forward"] > 20  # the delta was applied per forward, not merged at load
+    assert result["lowvram_vs_full"] < 1e-6
+    assert result["full_vs_base"] > 1e-3
