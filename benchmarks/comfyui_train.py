@@ -16,6 +16,7 @@ SD1.5-detected UNet inside a random full checkpoint (see tests/comfyui_server.py
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -42,7 +43,7 @@ def rss_kib(pid: int, field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/{pid}/status")
 
 
-def base_graph(image_size: int) -> dict:
+def base_graph() -> dict:
     return {
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
         "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a red square"}},
@@ -70,8 +71,8 @@ def train_node(method: str, steps: int, rank: int) -> dict:
         "loss_function": "MSE", "lora_dtype": "fp32", "algorithm": "LoRA", "existing_lora": "[None]"}}
 
 
-def train_graph(method: str, steps: int, rank: int, image_size: int) -> dict:
-    graph = base_graph(image_size)
+def train_graph(method: str, steps: int, rank: int) -> dict:
+    graph = base_graph()
     graph["train"] = train_node(method, steps, rank)
     graph["plot"] = {"class_type": "LossGraphNode", "inputs": {"loss": ["train", 2], "filename_prefix": method}}
     return graph
@@ -85,18 +86,18 @@ def timed_run(server: ComfyUIServer, graph: dict) -> float:
     return time.perf_counter() - started
 
 
-def measure_training(base: Path, method: str, steps: int, rank: int, image_size: int) -> tuple[float, float]:
+def measure_training(base: Path, method: str, steps: int, rank: int) -> tuple[float, float]:
     """(peak RSS above the pre-training RSS in MiB, seconds per step) in a fresh server."""
     server = ComfyUIServer(base)
     try:
-        warm = base_graph(image_size)
+        warm = base_graph()
         warm["noop"] = {"class_type": "SaveLatent", "inputs": {"samples": ["batch", 0], "filename_prefix": "warm"}}
         timed_run(server, warm)  # loads the checkpoint, encodes latents and prompt
         before = rss_kib(server.process.pid, "VmRSS")
         Path(f"/proc/{server.process.pid}/clear_refs").write_text("5")  # reset VmHWM
-        short = timed_run(server, train_graph(method, steps, rank, image_size))
+        short = timed_run(server, train_graph(method, steps, rank))
         peak = rss_kib(server.process.pid, "VmHWM")
-        long = timed_run(server, train_graph(method, 2 * steps, rank, image_size))
+        long = timed_run(server, train_graph(method, 2 * steps, rank))
         return (peak - before) / 1024, (long - short) / steps
     finally:
         server.stop()
@@ -139,8 +140,6 @@ print(json.dumps({"sara": sara, "lora": lora}))
 
 
 def measure_apply(unet_path: Path, delta_path: Path, lora_path: Path) -> dict:
-    import json
-
     env = dict(os.environ, PYTHONPATH="")
     out = subprocess.run([sys.executable, "-c", APPLY_SCRIPT, str(comfyui_dir()), str(REPO), str(unet_path),
                           str(delta_path), str(lora_path)], capture_output=True, text=True, env=env, check=True)
@@ -148,7 +147,7 @@ def measure_apply(unet_path: Path, delta_path: Path, lora_path: Path) -> dict:
 
 
 def sampling_graph(model: list, steps: int, seed: int, image_size: int) -> dict:
-    graph = base_graph(image_size)
+    graph = base_graph()
     graph["loader"] = {"class_type": "SaRALoader", "inputs": {"model": ["ckpt", 0], "delta_name": "bench.safetensors",
                                                               "strength": 1.0}}
     graph["empty"] = {"class_type": "EmptyLatentImage", "inputs": {"width": image_size, "height": image_size,
@@ -179,6 +178,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--sample-steps", type=int, default=20)
     args = parser.parse_args()
+    if args.steps < 2:
+        parser.error("--steps must be >= 2 (the built-in Plot Loss Graph divides by zero on one point)")
 
     import torch
     from safetensors.torch import load_file, save_file
@@ -197,7 +198,7 @@ def main() -> None:
 
         rows = []
         for method in ("sara", "lora"):
-            peak, step = measure_training(base, method, args.steps, rank, args.image_size)
+            peak, step = measure_training(base, method, args.steps, rank)
             rows.append((method, peak, step))
 
         delta = make_delta(unet_sd, 1, BUDGET)

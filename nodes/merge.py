@@ -8,6 +8,8 @@ from comfy_api.latest import io
 
 import sara_train
 
+from .folders import plain_file_name
+
 NONE = "[None]"
 DELTA_SLOTS = 3
 
@@ -42,8 +44,7 @@ class SaRAMergeCheckpoint(io.ComfyNode):
 
     @classmethod
     def execute(cls, ckpt_name: str, filename: str, overwrite: bool, **slots) -> io.NodeOutput:
-        if not filename or os.path.basename(filename) != filename or filename.startswith("."):
-            raise ValueError(f"filename must be a plain file name, got {filename!r}")
+        plain_file_name(filename, "filename")
         deltas, strengths = [], []
         for slot in range(1, DELTA_SLOTS + 1):
             name = slots.get(f"delta_{slot}", NONE)

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import os
 
-import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
+from .folders import plain_file_name, sara_folder
 from .train import SARA_DELTA
 
 VALUE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -36,16 +36,13 @@ class SaRASave(io.ComfyNode):
     @classmethod
     def execute(cls, delta, filename: str, values_dtype: str, overwrite: bool) -> io.NodeOutput:
         stem = filename.removesuffix(".safetensors")
-        if not stem or os.path.basename(stem) != stem or stem.startswith("."):
-            raise ValueError(f"filename must be a plain file name, got {filename!r}")
-        folder = folder_paths.get_folder_paths("sara")[0]
-        os.makedirs(folder, exist_ok=True)
+        plain_file_name(stem, "filename")
+        folder = sara_folder()
         path = os.path.join(folder, f"{stem}.safetensors")
         counter = 0
         while os.path.exists(path) and not overwrite:
             counter += 1
             path = os.path.join(folder, f"{stem}_{counter:03d}.safetensors")
         delta.save(path, dtype=VALUE_DTYPES[values_dtype])
-        summary = delta.summary()
-        text = f"saved {os.path.basename(path)}: {summary.entries:,} entries, {os.path.getsize(path) / 2**20:.2f} MiB"
+        text = f"saved {os.path.basename(path)}: {delta.num_entries:,} entries, {os.path.getsize(path) / 2**20:.2f} MiB"
         return io.NodeOutput(path, ui=ui.PreviewText(text))

@@ -17,6 +17,7 @@ import sara_train
 from sara_train import SaRAConfig, SparseDelta
 
 from .adapter import patch_model
+from .folders import plain_file_name, sara_folder
 from .train_data import TrainingSet, build_training_set
 from .train_loop import CancelWatch, SaRATrainSampler, StepReport, TrainOutcome, TrainSettings
 
@@ -64,7 +65,7 @@ class SaRATrain(io.ComfyNode):
                 io.Combo.Input("training_dtype", options=list(TRAINING_DTYPES), default="bf16",
                                tooltip="Mixed-precision compute dtype; the trainable values stay fp32."),
                 io.Boolean.Input("gradient_checkpointing", default=True,
-                                 tooltip="Recompute activations in backward: less memory, ~30% slower."),
+                                 tooltip="Recompute activations in backward: less memory, more time per step."),
                 io.Int.Input("save_every", default=0, min=0, max=1_000_000,
                              tooltip="Write the delta to models/sara every N steps (0 = off)."),
                 io.String.Input("save_prefix", default="sara_delta",
@@ -102,7 +103,7 @@ class SaRATrain(io.ComfyNode):
 
             outcome = train(model, data, settings, on_step, cancel.requested)
             seconds = time.perf_counter() - started
-            metadata = training_metadata(model, data, options, settings, outcome.steps_done, outcome.losses, seconds)
+            metadata = training_metadata(model, data, options, settings, outcome.losses, seconds)
             delta = SparseDelta(outcome.delta.layers, outcome.delta.selection, metadata)
             if outcome.cancelled:
                 log.warning("SaRA Train: cancelled after %d of %d steps; returning what was learned",
@@ -159,8 +160,8 @@ class PeriodicSaver:
     other. Files are written atomically (a cancelled or failed save leaves no partial file)."""
 
     def __init__(self, every: int, prefix: str, total_steps: int) -> None:
-        if every and (not prefix or os.path.basename(prefix) != prefix or prefix.startswith(".")):
-            raise ValueError(f"save_prefix must be a plain file name, got {prefix!r}")
+        if every:
+            plain_file_name(prefix, "save_prefix")
         self.every = every
         self.prefix = prefix
         self.digits = len(str(total_steps))
@@ -173,9 +174,8 @@ class PeriodicSaver:
     def save(self, step: int, delta: SparseDelta) -> None:
         if not self.every:
             return
-        folder = folder_paths.get_folder_paths("sara")[0]
+        folder = sara_folder()
         if self.run_name is None:
-            os.makedirs(folder, exist_ok=True)
             taken = os.listdir(folder)
             counter = 1
             while any(name.startswith(f"{self.prefix}_{counter:03d}_") for name in taken):
@@ -186,9 +186,10 @@ class PeriodicSaver:
         log.info("SaRA Train: saved %s", path)
 
 
-def training_metadata(model, data: TrainingSet, options: dict, settings: TrainSettings, steps_done: int,
-                      losses: list[float], seconds: float) -> dict[str, str]:
+def training_metadata(model, data: TrainingSet, options: dict, settings: TrainSettings, losses: list[float],
+                      seconds: float) -> dict[str, str]:
     """What a saved delta records about how it was made (strings, for safetensors metadata)."""
+    steps_done = len(losses)
     metadata = {
         "trainer": f"comfyui-sara SaRA Train {sara_train.__version__}",
         "base_model_type": type(model.model.model_config).__name__,

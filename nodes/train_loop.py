@@ -5,13 +5,14 @@
 (ComfyUI model clones share one module), each step draws sigmas with
 ``model_sampling.percent_to_sigma``, noises latents with ``model_sampling.noise_scaling``, predicts
 the clean latent through the guider (ComfyUI's model wrapper) and takes the MSE in the model's own
-output space (``x0_per_model_output``). Afterwards the
-learned update is taken as a ``SparseDelta`` and the shared weights are restored bit-exactly.
+output space (``x0_per_model_output``). Afterwards the learned update is taken as a
+``SparseDelta`` and the shared weights are restored bit-exactly.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -56,10 +57,13 @@ class TrainOutcome:
     delta: SparseDelta
     """Everything learned (including ``existing``), values fp32, keys relative to the diffusion model."""
     losses: list[float]
-    steps_done: int
+    """One per optimizer step taken."""
     cancelled: bool
     num_trainable: int
-    threshold: float
+
+    @property
+    def steps_done(self) -> int:
+        return len(self.losses)
 
 
 @dataclass
@@ -131,7 +135,7 @@ class SaRATrainSampler(comfy.samplers.Sampler):
                         optimizer.zero_grad(set_to_none=True)
                         cancelled = True
                         break
-                    if not torch.isfinite(torch.tensor(loss)):
+                    if not math.isfinite(loss):
                         raise ValueError(f"the training loss became {loss} at step {step}; lower the learning "
                                          "rate or check the training data")
                     optimizer.step()
@@ -140,8 +144,7 @@ class SaRATrainSampler(comfy.samplers.Sampler):
                     self.on_step(StepReport(step, loss, current_delta))
             finally:
                 model_wrap.conds["positive"] = all_conds
-            self.outcome = TrainOutcome(current_delta(), losses, len(losses), cancelled,
-                                        handle.num_trainable, handle.threshold)
+            self.outcome = TrainOutcome(current_delta(), losses, cancelled, handle.num_trainable)
         return torch.zeros_like(latent_image)
 
     def _micro_batch(self, model_wrap, extra_args, buckets: list[Bucket], all_conds: list,
@@ -178,22 +181,19 @@ class SaRATrainSampler(comfy.samplers.Sampler):
 
 
 @torch.no_grad()
-def make_trainable_tensors(root: nn.Module) -> int:
+def make_trainable_tensors(root: nn.Module) -> None:
     """Replace ``root``'s inference-mode parameters and buffers by normal copies, one at a time.
 
     ComfyUI loads models under ``torch.inference_mode``; such tensors can neither be
     parametrized nor saved for backward. The copies hold the same values, so every clone of the
-    ComfyUI model sharing this module is unaffected. Returns the number of tensors replaced.
+    ComfyUI model sharing this module is unaffected.
     """
-    replaced = 0
     for module in root.modules():
         for store in (module._parameters, module._buffers):
             for name, tensor in store.items():
                 if tensor is not None and tensor.is_inference():
                     copy = tensor.clone()
                     store[name] = nn.Parameter(copy, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else copy
-                    replaced += 1
-    return replaced
 
 
 def x0_per_model_output(model_sampling, sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -221,15 +221,15 @@ def outermost_blocks(root: nn.Module) -> list[nn.Module]:
 
 
 @contextlib.contextmanager
-def checkpointed_blocks(root: nn.Module) -> Iterator[int]:
+def checkpointed_blocks(root: nn.Module) -> Iterator[None]:
     """Run each outermost block's forward under ``torch.utils.checkpoint`` (non-reentrant) while
-    inside; the blocks' own ``forward`` is restored on exit. Yields the number of blocks."""
+    inside; the blocks' own ``forward`` is restored on exit."""
     blocks = outermost_blocks(root)
     previous = [block.__dict__.get("forward") for block in blocks]
     for block in blocks:
         block.forward = functools.partial(_checkpointed, block.forward)
     try:
-        yield len(blocks)
+        yield
     finally:
         for block, forward in zip(blocks, previous):
             if forward is None:

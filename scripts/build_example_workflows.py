@@ -70,9 +70,7 @@ def train_and_sample() -> dict:
         ["checkpoint", 0, "train", "model"], ["batch", 0, "train", "latents"], ["positive", 0, "train", "positive"],
         ["train", 1, "save_delta", "delta"],
     ]
-    sample_nodes, sample_links = sampling_nodes(["train", 0], 940)
-    for node in sample_nodes.values():
-        node["pos"] = [node["pos"][0] + 320, node["pos"][1]]
+    sample_nodes, sample_links = sampling_nodes(["train", 0], 1260)
     nodes.update(sample_nodes)
     links += sample_links
     return {"nodes": nodes, "links": links}
