@@ -1,0 +1,179 @@
+"""``TrainConfig``: every option of ``sara-train train``, from a TOML file and/or command-line flags.
+
+The dataclass is the single source of truth: each field's ``help`` becomes its ``--flag`` help,
+and a TOML file uses the same names (``learning_rate = 1e-4``; dashes or underscores). Flags given
+on the command line override the file; anything given in neither keeps its default here.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import SaRAError
+
+CHOICES = {
+    "crop": ("center", "random"),
+    "lr_schedule": ("constant", "linear", "cosine"),
+    "mixed_precision": ("no", "fp16", "bf16"),
+    "delta_dtype": ("fp16", "bf16", "fp32"),
+    "key_format": ("ldm", "diffusers"),
+}
+
+
+def option(default: Any, help: str, group: str) -> Any:
+    factory = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    return field(metadata={"help": help, "group": group}, **factory)
+
+
+@dataclass
+class TrainConfig:
+    """Options of one training run. ``validate()`` checks them; the trainer calls it."""
+
+    # -- inputs
+    base: str = option("", "Base model: a diffusers folder (model_index.json) or a single-file .safetensors checkpoint.", "inputs")
+    base_config: str | None = option(None, "For a single-file base: a local diffusers folder of the same architecture whose configs and tokenizers are used (no download).", "inputs")
+    data: str = option("", "Training images folder: same-name .txt captions (kohya) or a metadata.jsonl (diffusers).", "inputs")
+    caption_prefix: str = option("", "Prepended to every caption (a trigger word), joined with ', '.", "inputs")
+    caption_extension: str = option(".txt", "Extension of caption files next to the images.", "inputs")
+    output_dir: str = option("sara-output", "Where deltas, samples, the loss log/plot and the resume state go.", "inputs")
+    # -- images
+    resolution: int = option(512, "Square training resolution in pixels (a multiple of 8).", "images")
+    crop: str = option("center", "How images are cropped to the square: center or random.", "images")
+    random_crop_variants: int = option(4, "With --crop random: fixed random crops cached per image.", "images")
+    flip: bool = option(False, "Also train on horizontally mirrored images.", "images")
+    cache_dir: str | None = option(None, "Latent/text-embedding cache (reused while inputs are unchanged); default: $XDG_CACHE_HOME/sara-train.", "images")
+    no_cache: bool = option(False, "Keep encoded latents in memory only.", "images")
+    # -- optimisation
+    steps: int = option(1000, "Optimizer steps.", "optimisation")
+    batch_size: int = option(1, "Images per step per process.", "optimisation")
+    grad_accumulation: int = option(1, "Micro-batches accumulated per optimizer step.", "optimisation")
+    learning_rate: float = option(1e-4, "Peak AdamW learning rate.", "optimisation")
+    lr_schedule: str = option("constant", "After warm-up: constant, linear (to 0) or cosine (to 0).", "optimisation")
+    warmup_steps: int = option(0, "Linear warm-up from 0 over this many steps.", "optimisation")
+    weight_decay: float = option(0.0, "AdamW weight decay on the trained values.", "optimisation")
+    seed: int = option(0, "Seed for data order, noise and timesteps.", "optimisation")
+    mixed_precision: str = option("no", "no, fp16 (GPU) or bf16: base weights and activations in this dtype, fp32 master values.", "optimisation")
+    device: str = option("auto", "cuda, cuda:N, cpu, or auto (the GPU if there is one; each process's own under accelerate launch).", "optimisation")
+    gradient_checkpointing: bool = option(False, "Recompute activations in backward (less memory, ~30% slower).", "optimisation")
+    # -- SaRA
+    budget: float | None = option(None, "Fraction (0, 1] of the targeted weights to train, smallest |w| first (default 0.05 unless --threshold).", "sara")
+    threshold: float | None = option(None, "Train the entries with |w| below this instead of a budget.", "sara")
+    rank_weight: float = option(1e-4, "Weight of the nuclear-norm loss on the sparse update (0 turns it off).", "sara")
+    rank_layers_per_step: int | None = option(None, "Take the rank loss on this many layers per step, in rotation (all by default).", "sara")
+    progressive_fraction: float = option(0.5, "Re-select still-small entries after this fraction of the steps (0 turns it off).", "sara")
+    include: list[str] = option([], "Regex on module names: only matching modules are trained (repeatable).", "sara")
+    exclude: list[str] = option([], "Regex on module names: matching modules are never trained (repeatable).", "sara")
+    # -- outputs
+    save_every: int = option(0, "Also save the delta and the resume state every N steps (0: only at the end).", "outputs")
+    log_every: int = option(10, "Flush the loss CSV and redraw the loss plot every N steps.", "outputs")
+    sample_every: int = option(0, "Render the validation prompts every N steps (0: only at the end, if prompts are given).", "outputs")
+    sample_prompts: list[str] = option([], "Validation prompts (repeatable).", "outputs")
+    sample_steps: int = option(20, "Denoising steps per validation image.", "outputs")
+    sample_guidance: float = option(7.5, "Classifier-free guidance scale of validation images.", "outputs")
+    sample_seed: int = option(0, "Seed of the validation images (the same every time).", "outputs")
+    delta_dtype: str = option("fp16", "Dtype of the saved delta values: fp16, bf16 or fp32.", "outputs")
+    key_format: str = option("ldm", "Weight names in the delta: ldm (ComfyUI / single-file checkpoints) or diffusers.", "outputs")
+    resume: bool = option(False, "Continue the run in --output-dir from its last saved state.", "outputs")
+
+    def validate(self) -> None:
+        """Raise ``SaRAError`` naming the first bad option."""
+        if not self.base:
+            raise SaRAError("no base model: pass --base (a diffusers folder or a .safetensors checkpoint)")
+        if not self.data:
+            raise SaRAError("no training data: pass --data (a folder of images with captions)")
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise SaRAError(f"--{flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        for name in ("steps", "batch_size", "grad_accumulation", "resolution", "random_crop_variants", "log_every", "sample_steps"):
+            if getattr(self, name) < 1:
+                raise SaRAError(f"--{flag(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "save_every", "sample_every", "weight_decay", "rank_weight"):
+            if getattr(self, name) < 0:
+                raise SaRAError(f"--{flag(name)} must be >= 0, got {getattr(self, name)}")
+        if self.resolution % 8:
+            raise SaRAError(f"--resolution must be a multiple of 8, got {self.resolution}")
+        if not self.learning_rate > 0:
+            raise SaRAError(f"--learning-rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.progressive_fraction < 1:
+            raise SaRAError(f"--progressive-fraction must be in [0, 1), got {self.progressive_fraction}")
+        if self.budget is not None and self.threshold is not None:
+            raise SaRAError("give --budget or --threshold, not both")
+
+    @property
+    def progressive_at(self) -> int | None:
+        """The optimizer step after which entries are re-selected, or None."""
+        at = round(self.progressive_fraction * self.steps)
+        return at if 0 < at < self.steps else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config FILE`` and one flag per ``TrainConfig`` field; defaults are ``SUPPRESS`` so
+    only flags actually given override the file."""
+    parser.add_argument("--config", type=Path, help="TOML file with any of the options below (flags override it).")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for spec in dataclasses.fields(TrainConfig):
+        group_name = spec.metadata["group"]
+        group = groups.setdefault(group_name, parser.add_argument_group(group_name))
+        default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+        help_text = spec.metadata["help"] + ("" if default in (None, "", [], False) else f" [default: {default}]")
+        kwargs: dict[str, Any] = {"dest": spec.name, "default": argparse.SUPPRESS, "help": help_text}
+        if spec.type == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif spec.type == "list[str]":
+            kwargs["action"] = "append"
+        else:
+            kwargs["type"] = {"int": int, "float": float, "int | None": int, "float | None": float}.get(spec.type, str)
+            if spec.name in CHOICES:
+                kwargs["choices"] = CHOICES[spec.name]
+        group.add_argument(f"--{flag(spec.name)}", **kwargs)
+
+
+def config_from_arguments(args: argparse.Namespace) -> TrainConfig:
+    """``TrainConfig`` from the TOML file named by ``args.config`` (if any), overridden by flags."""
+    values: dict[str, Any] = {}
+    config_file: Path | None = getattr(args, "config", None)
+    if config_file is not None:
+        values.update(read_toml(config_file))
+    known = {spec.name for spec in dataclasses.fields(TrainConfig)}
+    values.update({name: value for name, value in vars(args).items() if name in known})
+    return TrainConfig(**values)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """The options in TOML file ``path`` (top-level keys, or a ``[train]`` table), checked by name and type."""
+    try:
+        document = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SaRAError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as error:
+        raise SaRAError(f"config file {path} is not valid TOML: {error}") from None
+    document = document.get("train", document)
+    types = {spec.name: spec.type for spec in dataclasses.fields(TrainConfig)}
+    values = {}
+    for key, value in document.items():
+        name = key.replace("-", "_")
+        if name not in types:
+            raise SaRAError(f"config file {path}: unknown option {key!r} (see sara-train train --help)")
+        values[name] = check_type(path, key, value, types[name])
+    return values
+
+
+def check_type(path: Path, key: str, value: Any, type_name: str) -> Any:
+    expected = {"str": str, "str | None": str, "int": int, "int | None": int, "float": (int, float),
+                "float | None": (int, float), "bool": bool, "list[str]": list}[type_name]
+    if isinstance(value, bool) and type_name != "bool" or not isinstance(value, expected):
+        raise SaRAError(f"config file {path}: {key} must be {type_name}, got {value!r}")
+    if type_name == "list[str]" and not all(isinstance(item, str) for item in value):
+        raise SaRAError(f"config file {path}: {key} must be a list of strings, got {value!r}")
+    return float(value) if "float" in type_name else value

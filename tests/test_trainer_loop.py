@@ -1,0 +1,130 @@
+"""The trainer loop on a real tiny diffusers UNet: it learns, logs, saves, and resumes bit-exactly."""
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from PIL import Image
+from tiny_sd import TEXT_WIDTH, tiny_unet
+
+from sara_train import SparseDelta
+from sara_train.errors import SaRAError
+from sara_train.trainer.config import TrainConfig
+from sara_train.trainer.logs import read_loss_log
+from sara_train.trainer.loop import learning_rate_at, run_training
+from sara_train.trainer.types import PromptEmbedding, TrainingExample
+
+
+def make_examples(count: int = 6) -> list[TrainingExample]:
+    generator = torch.Generator().manual_seed(3)
+    prompts = [PromptEmbedding(torch.randn(5, TEXT_WIDTH, generator=generator)) for _ in range(2)]
+    return [TrainingExample(torch.randn(4, 8, 8, generator=generator), prompts[i % 2]) for i in range(count)]
+
+
+def make_config(tmp_path: Path, **overrides) -> TrainConfig:
+    settings = dict(base="tiny", data="tiny", output_dir=str(tmp_path / "run"), steps=8, batch_size=2,
+                    grad_accumulation=2, learning_rate=3e-3, budget=0.2, rank_weight=1e-3, warmup_steps=2,
+                    lr_schedule="cosine", log_every=3, seed=5)
+    return TrainConfig(**{**settings, **overrides})
+
+
+def train(config: TrainConfig, **kwargs):
+    torch.manual_seed(0)
+    unet = tiny_unet("sd15")
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    return run_training(unet, scheduler, make_examples(), config, **kwargs), unet
+
+
+def test_learning_rate_schedule() -> None:
+    config = TrainConfig(base="b", data="d", steps=10, warmup_steps=2, lr_schedule="linear", learning_rate=1.0)
+    assert [round(learning_rate_at(s, config), 3) for s in (0, 1, 2, 6, 9)] == [0.5, 1.0, 1.0, 0.5, 0.125]
+    cosine = replace(config, lr_schedule="cosine", warmup_steps=0)
+    assert learning_rate_at(0, cosine) == 1.0 and learning_rate_at(5, cosine) == pytest.approx(0.5)
+
+
+def test_run_writes_delta_logs_and_samples(tmp_path: Path) -> None:
+    rendered = []
+
+    def render(step: int) -> list[Image.Image]:
+        rendered.append(step)
+        return [Image.new("RGB", (8, 8), "red"), Image.new("RGB", (8, 8), "blue")]
+
+    config = make_config(tmp_path, save_every=4, sample_every=4, progressive_fraction=0.5)
+    result, unet = train(config, render_samples=render, delta_metadata={"who": "test"})
+    run = Path(config.output_dir)
+    assert result.delta_path == run / "sara_delta.safetensors" and not result.interrupted
+    delta = SparseDelta.load(result.delta_path)
+    assert delta.metadata["who"] == "test" and delta.metadata["steps"] == "8"
+    assert delta.num_entries > result.num_trainable > 0  # the progressive step froze some entries
+    assert (run / "sara_delta_step000004.safetensors").exists()
+    rows = read_loss_log(run / "loss.csv")
+    assert [row.step for row in rows] == list(range(1, 9))
+    assert rows[0].learning_rate == pytest.approx(1.5e-3) and rows[1].learning_rate == pytest.approx(3e-3)
+    assert all(row.rank_loss > 0 for row in rows[1:])
+    assert Image.open(run / "loss.png").size[0] > 300
+    assert rendered == [4, 8] and Image.open(run / "samples" / "step000008.png").size == (16, 8)
+    # the delta is exactly what the UNet learned: applying it to a fresh base gives the trained weights
+    torch.manual_seed(0)
+    fresh = tiny_unet("sd15")
+    delta.to(torch.float32).apply_to(fresh)
+    unet.sara_handle.remove(merge=True)
+    for name, weight in fresh.state_dict().items():
+        torch.testing.assert_close(weight, unet.state_dict()[name], rtol=0, atol=2e-3)
+
+
+def test_loss_goes_down(tmp_path: Path) -> None:
+    config = make_config(tmp_path, steps=40, grad_accumulation=1, batch_size=6, learning_rate=1e-2, warmup_steps=0,
+                         lr_schedule="constant", rank_weight=0.0, progressive_fraction=0.0)
+    result, _ = train(config)
+    losses = [row.loss for row in result.losses]
+    assert sum(losses[-10:]) / 10 < 0.9 * sum(losses[:10]) / 10
+
+
+def interrupt_on_call(unet: torch.nn.Module, call: int) -> None:
+    """Raise KeyboardInterrupt (as Ctrl-C would) when the UNet's forward is entered for the ``call``-th time."""
+    calls = []
+
+    def hook(module, args):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+
+    unet.register_forward_pre_hook(hook)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The reference run the interrupted-and-resumed runs must reproduce exactly."""
+    result, _ = train(make_config(tmp_path_factory.mktemp("uninterrupted"), progressive_fraction=0.5))
+    return result
+
+
+@pytest.mark.parametrize("interrupt_call", [6, 9, 11])  # 2 micro-batches per step: mid-step 3 (first micro-batch), after step 4, mid-step 6 (second)
+def test_ctrl_c_then_resume_is_bit_identical(tmp_path: Path, uninterrupted, interrupt_call: int) -> None:
+    config = make_config(tmp_path, progressive_fraction=0.5)
+    expected = uninterrupted
+
+    torch.manual_seed(0)
+    unet = tiny_unet("sd15")
+    interrupt_on_call(unet, interrupt_call)
+    first = run_training(unet, DDPMScheduler(num_train_timesteps=1000), make_examples(), config)
+    assert first.interrupted and len(first.losses) == (interrupt_call - 1) // 2
+    assert SparseDelta.load(first.delta_path).metadata["steps"] == str(len(first.losses))
+    with pytest.raises(SaRAError, match="already holds a run"):
+        train(config)
+    with pytest.raises(SaRAError, match="learning_rate: saved 0.003, now 0.004"):
+        train(replace(config, resume=True, learning_rate=4e-3))
+
+    resumed, _ = train(replace(config, resume=True))
+    assert [row.loss for row in resumed.losses] == [row.loss for row in expected.losses]
+    got, want = SparseDelta.load(resumed.delta_path), SparseDelta.load(expected.delta_path)
+    assert got.layers.keys() == want.layers.keys()
+    for name, layer in want.layers.items():
+        assert torch.equal(got.layers[name].flat_indices, layer.flat_indices), name
+        assert torch.equal(got.layers[name].values, layer.values), name
+
+
+def test_resume_without_state_is_explained(tmp_path: Path) -> None:
+    with pytest.raises(SaRAError, match="no saved state"):
+        train(make_config(tmp_path, resume=True))
