@@ -232,10 +232,7 @@ class SparseDelta:
         }
         path = Path(path)
         with atomic_output(path) as temp:
-            try:
-                save_file(tensors, str(temp), metadata=metadata)
-            except SafetensorError as exc:  # e.g. disk full: surfaced by safetensors, not as OSError
-                raise OSError(f"could not write {path}: {exc}; the previous file, if any, is unchanged") from exc
+            save_file(tensors, str(temp), metadata=metadata)
         return path
 
     @classmethod

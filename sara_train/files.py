@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from .errors import SaRAError
 
@@ -118,6 +119,10 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         with temp.open("rb+") as file:
             os.fsync(file.fileno())
         os.replace(temp, path)
+    except (OSError, SafetensorError) as error:  # out of disk, file too large, permissions (safetensors
+        temp.unlink(missing_ok=True)              # reports its I/O errors as SafetensorError)
+        reason = getattr(error, "strerror", None) or error
+        raise SaRAError(f"could not write {path}: {reason}; the previous file, if any, is unchanged") from error
     except BaseException:
         temp.unlink(missing_ok=True)
         raise

@@ -163,11 +163,11 @@ def test_save_is_atomic_when_the_disk_fills(delta, tmp_path: Path) -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))  # the "disk" holds 200 bytes per file
         try:
             big.save({str(path)!r})
-        except OSError as exc:
-            print("OSError", exc.errno)
+        except sara_train.SaRAError as exc:
+            print("SaRAError", exc)
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert "OSError" in result.stdout, result.stderr
+    assert f"SaRAError could not write {path}:" in result.stdout and "File too large" in result.stdout, result.stderr
     assert path.read_bytes() == good, "the existing file was damaged"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.safetensors"], "a temporary file was left"
 

@@ -46,7 +46,7 @@ class TrainConfig:
     random_crop_variants: int = option(4, "With --crop random: fixed random crops cached per image.", "images")
     flip: bool = option(False, "Also train on horizontally mirrored images.", "images")
     cache_dir: str | None = option(None, "Latent/text-embedding cache (reused while inputs are unchanged); default: $XDG_CACHE_HOME/sara-train.", "images")
-    no_cache: bool = option(False, "Keep encoded latents in memory only.", "images")
+    cache: bool = option(True, "Cache encoded latents and prompts on disk (--no-cache: in memory only).", "images")
     # -- optimisation
     steps: int = option(1000, "Optimizer steps.", "optimisation")
     batch_size: int = option(1, "Images per step per process.", "optimisation")

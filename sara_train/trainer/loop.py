@@ -40,7 +40,7 @@ from .types import TrainingExample
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 RESUME_INDEPENDENT = {"output_dir", "resume", "save_every", "log_every", "sample_every", "sample_prompts",
-                      "sample_steps", "sample_guidance", "sample_seed", "cache_dir", "no_cache", "delta_dtype",
+                      "sample_steps", "sample_guidance", "sample_seed", "cache_dir", "cache", "delta_dtype",
                       "key_format", "base_config", "device"}
 """Options that may differ between a run and its resumption (they do not change the math)."""
 
@@ -168,10 +168,14 @@ def run_training(unet: nn.Module, noise_scheduler, examples: Sequence[TrainingEx
     compute_dtype = DTYPES[config.mixed_precision]
     if config.mixed_precision == "fp16" and device.type != "cuda":
         raise SaRAError("--mixed-precision fp16 needs a CUDA GPU (use bf16 or no on CPU)")
-    unet.to(compute_dtype)
+    if next(unet.parameters()).dtype != compute_dtype:
+        unet.to(compute_dtype)
     unet.train()
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if not config.resume and folder.state.exists():
+        raise SaRAError(f"{folder.root} already holds a run (state in {folder.state}); pass --resume to continue "
+                        f"it or choose another --output-dir")
     selection = SaRAConfig(threshold=config.threshold, budget=config.budget, include=list(config.include),
                            exclude=list(config.exclude))
     optimizer = SaRAAdamW(unet, lr=config.learning_rate, config=selection, rank_weight=config.rank_weight,
@@ -183,9 +187,6 @@ def run_training(unet: nn.Module, noise_scheduler, examples: Sequence[TrainingEx
     start_step, losses = 0, []
     if config.resume:
         start_step, losses = resume_from(folder, config, optimizer, noise_generator, scaler, distributed)
-    elif folder.state.exists() and distributed.is_main:
-        raise SaRAError(f"{folder.root} already holds a run (state in {folder.state}); pass --resume to continue "
-                        f"it or choose another --output-dir")
     metadata = {"trainer": "sara-train", "config": json.dumps(config.to_dict()), **(delta_metadata or {})}
 
     def save(step: int, final: bool) -> Path:

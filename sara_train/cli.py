@@ -1,0 +1,63 @@
+"""``sara-train`` (also ``python -m sara_train``): train, merge, inspect and analyze SaRA deltas.
+
+A thin layer over ``sara_train.trainer`` and ``sara_train.cli_tools``: parse, run, report. Errors
+the user can fix (``SaRAError``) print one line and exit with status 2; Ctrl-C during training
+saves the delta and the resume state and exits with status 130.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import SaRAError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import cli_tools
+    from .trainer.config import add_train_arguments
+
+    parser = argparse.ArgumentParser(prog="sara-train", description="Train, merge, inspect and analyze SaRA deltas.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    train = commands.add_parser("train", help="fine-tune a Stable Diffusion model with SaRA on an image folder",
+                                description="Fine-tune the UNet of a Stable Diffusion model (SD1.x, SD2.x, SDXL) "
+                                            "with SaRA. Options come from --config FILE (TOML) and/or flags.")
+    add_train_arguments(train)
+    cli_tools.add_merge_arguments(commands.add_parser("merge", help="add deltas to a checkpoint (streaming)"))
+    cli_tools.add_inspect_arguments(commands.add_parser("inspect", help="summarise a delta file"))
+    cli_tools.add_analyze_arguments(commands.add_parser("analyze", help="weight magnitudes and thresholds of a model"))
+    return parser
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .trainer.config import config_from_arguments
+    from .trainer.train import train
+
+    config = config_from_arguments(args)
+    result = train(config)
+    if result.interrupted:
+        print(f"\ninterrupted after {len(result.losses)} steps; saved {result.delta_path}. "
+              f"Continue with the same command plus --resume.", file=sys.stderr)
+        return 130
+    if result.losses:
+        last = result.losses[-1]
+        print(f"trained {last.step} steps ({result.num_trainable:,} trainable entries) in {last.seconds:.0f} s; "
+              f"final loss {last.loss:.4f}; delta: {result.delta_path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from . import cli_tools
+
+    commands = {"train": run_train, "merge": cli_tools.merge_command, "inspect": cli_tools.inspect_command,
+                "analyze": cli_tools.analyze_command}
+    try:
+        return commands[args.command](args) or 0
+    except SaRAError as error:
+        print(f"sara-train {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""``sara-train train``: a Stable Diffusion base + an image folder -> a SaRA delta, end to end.
+
+Load the base (diffusers folder or single file), scan and check the dataset, encode it once
+(cached on disk), then ``run_training`` on the UNet. VAE and text encoders stay frozen; they are
+needed again only to render validation images.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..ldm_keys import delta_to_ldm_keys
+from .base import BaseModel, load_base
+from .cache import build_examples
+from .config import TrainConfig
+from .data import scan_dataset
+from .loop import DTYPES, Distributed, TrainResult, run_training
+
+
+def pick_device(config: TrainConfig) -> torch.device:
+    """``config.device``, where ``auto`` is this process's GPU (LOCAL_RANK under a launcher) or the CPU."""
+    if config.device != "auto":
+        return torch.device(config.device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def start_processes(device: torch.device) -> Distributed:
+    """Join the process group when launched by ``accelerate launch`` or ``torchrun`` (WORLD_SIZE > 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed()
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sara-train"
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Run ``config`` (see ``TrainConfig``); returns the result after writing the run folder."""
+    config.validate()
+    device = pick_device(config)
+    distributed = start_processes(device)
+    items = scan_dataset(Path(config.data), caption_prefix=config.caption_prefix,
+                         caption_extension=config.caption_extension)
+    encode_dtype = DTYPES[config.mixed_precision] if device.type == "cuda" else torch.float32
+    base = load_base(config.base, config_dir=config.base_config, dtype=torch.float32, device=device)
+    cache_dir = None if not config.cache else Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+
+    def encode() -> list:
+        with torch.autocast(device.type, dtype=encode_dtype, enabled=encode_dtype != torch.float32):
+            return build_examples(
+                items, resolution=config.resolution, crop=config.crop, flip=config.flip,
+                random_crop_variants=config.random_crop_variants, encode_images=base.encode_images,
+                encode_prompts=base.encode_prompts, model_fingerprint=base.fingerprint, cache_dir=cache_dir,
+                seed=config.seed, with_time_ids=base.kind == "sdxl", progress=distributed.is_main)
+
+    if distributed.is_main:
+        examples = encode()
+        distributed.barrier()
+    else:
+        distributed.barrier()  # the main process fills the cache first; the others read it
+        examples = encode()
+    render = sample_renderer(base, config, device) if config.sample_prompts else None
+    if render is None:
+        base.vae.to("cpu")
+        for encoder in base.text_encoders:
+            encoder.to("cpu")
+    metadata = {"base": str(base.source), "base_kind": base.kind, "images": str(len(items)),
+                "examples": str(len(examples)), "key_format": config.key_format}
+    return run_training(base.unet, base.noise_scheduler, examples, config, render_samples=render,
+                        delta_metadata=metadata, convert_delta=key_converter(base, config))
+
+
+def key_converter(base: BaseModel, config: TrainConfig):
+    """Delta renaming to LDM keys (ComfyUI, single-file checkpoints) unless ``key_format`` is diffusers."""
+    if config.key_format == "diffusers":
+        return None
+    unet_config = dict(base.unet.config)
+    return lambda delta: delta_to_ldm_keys(delta, unet_config)
+
+
+def sample_renderer(base: BaseModel, config: TrainConfig, device: torch.device):
+    """``render(step) -> images`` for the validation prompts: same seed every time, so the images of
+    different steps differ only by what was learned."""
+    pipeline = base.pipeline()
+    pipeline.set_progress_bar_config(disable=True)
+    compute_dtype = DTYPES[config.mixed_precision]
+
+    def render(step: int) -> list[Image.Image]:
+        generator = torch.Generator(device="cpu").manual_seed(config.sample_seed)
+        with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
+            return pipeline(list(config.sample_prompts), num_inference_steps=config.sample_steps,
+                            guidance_scale=config.sample_guidance, generator=generator,
+                            height=config.resolution, width=config.resolution).images
+
+    return render
+

@@ -1,0 +1,229 @@
+"""`sara-train train` end to end on a real tiny Stable Diffusion pipeline and a generated image folder:
+it trains, writes the delta (LDM keys, loadable by ComfyUI's naming), samples, merges, resumes exactly,
+runs as 2 DDP processes, and explains bad input."""
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from tiny_sd import write_tiny_sd_pipeline
+
+from sara_train import SparseDelta
+from sara_train.trainer.logs import read_loss_log
+
+REPO = Path(__file__).resolve().parents[1]
+COLORS = ["red", "blue", "green", "orange"]
+
+
+def write_image_folder(folder: Path, count: int = 4, size: int = 40) -> Path:
+    """``count`` PNGs of coloured discs on grey, each with a kohya-style caption file."""
+    folder.mkdir(parents=True)
+    for i in range(count):
+        image = Image.new("RGB", (size, size + 8 * (i % 2)), "gray")
+        ImageDraw.Draw(image).ellipse([4 + i, 4, size - 6, size - 4 - i], fill=COLORS[i % len(COLORS)])
+        image.save(folder / f"disc_{i}.png")
+        (folder / f"disc_{i}.txt").write_text(f"a {COLORS[i % len(COLORS)]} disc")
+    return folder
+
+
+def sara_train_cli(*args: str, env: dict | None = None, launcher: list[str] | None = None,
+                   timeout: int = 300) -> subprocess.CompletedProcess:
+    command = (launcher or [sys.executable]) + ["-m", "sara_train", *args]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    return write_tiny_sd_pipeline(tmp_path_factory.mktemp("base") / "sd15", "sd15")
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("data") / "discs")
+
+
+def train_args(base: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--base", str(base), "--data", str(data), "--output-dir", str(out), "--resolution", "32",
+            "--steps", "6", "--batch-size", "2", "--learning-rate", "1e-3", "--budget", "0.1",
+            "--cache-dir", str(out.parent / "cache"), "--device", "cpu", *extra]
+
+
+def read_delta(path: Path) -> SparseDelta:
+    return SparseDelta.load(path)
+
+
+def assert_identical(got: SparseDelta, want: SparseDelta) -> None:
+    assert got.layers.keys() == want.layers.keys()
+    for name, layer in want.layers.items():
+        assert torch.equal(got.layers[name].flat_indices, layer.flat_indices), name
+        assert torch.equal(got.layers[name].values, layer.values), name
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_base: Path, image_folder: Path, tmp_path_factory) -> Path:
+    """One full CLI run with samples and periodic saves: its output folder."""
+    out = tmp_path_factory.mktemp("runs") / "full"
+    result = sara_train_cli(*train_args(tiny_base, image_folder, out, "--save-every", "2", "--sample-prompts",
+                                        "a red disc", "--sample-steps", "2", "--progressive-fraction", "0.5"))
+    assert result.returncode == 0, result.stderr
+    assert "trained 6 steps" in result.stdout and str(out / "sara_delta.safetensors") in result.stdout
+    return out
+
+
+def test_train_writes_a_complete_run(trained: Path) -> None:
+    delta = read_delta(trained / "sara_delta.safetensors")
+    assert all(key.startswith(("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "out."))
+               for key in delta.layers), "deltas use the original SD (ComfyUI) names"
+    assert delta.metadata["base_kind"] == "sd1" and delta.metadata["steps"] == "6"
+    assert delta.layers[next(iter(delta.layers))].values.dtype == torch.float16
+    assert [row.step for row in read_loss_log(trained / "loss.csv")] == [1, 2, 3, 4, 5, 6]
+    assert (trained / "loss.png").stat().st_size > 1000
+    assert sorted(p.name for p in trained.glob("sara_delta_step*")) == [
+        "sara_delta_step000002.safetensors", "sara_delta_step000004.safetensors"]
+    assert Image.open(trained / "samples" / "step000006.png").size == (32, 32)
+
+
+def test_resume_after_ctrl_c_is_bit_identical(trained: Path, tiny_base: Path, image_folder: Path,
+                                              tmp_path: Path) -> None:
+    """SIGINT a real training process once it has saved, resume it, compare with the uninterrupted run."""
+    out = tmp_path / "interrupted"
+    args = train_args(tiny_base, image_folder, out, "--save-every", "2", "--sample-prompts", "a red disc",
+                      "--sample-steps", "2", "--progressive-fraction", "0.5", "--cache-dir", str(trained.parent / "cache"))
+    process = subprocess.Popen([sys.executable, "-m", "sara_train", *args], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.monotonic() + 240
+    while not (out / "sara_delta_step000002.safetensors").exists() and process.poll() is None:
+        assert time.monotonic() < deadline, "no periodic save appeared"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 130, stderr
+    assert "--resume" in stderr
+    steps_done = int(read_delta(sorted(out.glob("sara_delta_step*"))[-1]).metadata["steps"])
+    assert 2 <= steps_done < 6
+
+    refused = sara_train_cli(*args)
+    assert refused.returncode == 2 and "pass --resume" in refused.stderr
+    resumed = sara_train_cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_identical(read_delta(out / "sara_delta.safetensors"), read_delta(trained / "sara_delta.safetensors"))
+    assert read_loss_log(out / "loss.csv") and [r.loss for r in read_loss_log(out / "loss.csv")] == [
+        r.loss for r in read_loss_log(trained / "loss.csv")]
+
+
+def test_merge_into_the_single_file_it_was_trained_from(tiny_base: Path, image_folder: Path, tmp_path: Path) -> None:
+    """Train from a single-file checkpoint, merge the delta into that file, load the result: the UNet
+    equals the trained one."""
+    from single_file import write_single_file_checkpoint
+
+    from sara_train.ldm_keys import delta_to_diffusers_keys
+    from sara_train.trainer.base import load_base
+
+    checkpoint = write_single_file_checkpoint(tiny_base, tmp_path / "tiny.safetensors")
+    out = tmp_path / "run"
+    result = sara_train_cli(*train_args(checkpoint, image_folder, out, "--base-config", str(tiny_base),
+                                        "--delta-dtype", "fp32"))
+    assert result.returncode == 0, result.stderr
+    merged = tmp_path / "merged.safetensors"
+    result = sara_train_cli("merge", "--base", str(checkpoint), "--delta", f"{out / 'sara_delta.safetensors'}:1.0",
+                            "--out", str(merged))
+    assert result.returncode == 0, result.stderr
+    base_unet = load_base(checkpoint, config_dir=tiny_base).unet
+    merged_unet = load_base(merged, config_dir=tiny_base).unet
+    delta = delta_to_diffusers_keys(read_delta(out / "sara_delta.safetensors"), dict(base_unet.config))
+    delta.apply_to(base_unet)
+    for name, weight in merged_unet.state_dict().items():
+        assert torch.equal(weight, base_unet.state_dict()[name]), name
+    changed = [name for name in delta.layers]
+    assert changed and not torch.equal(merged_unet.state_dict()[changed[0]], load_base(checkpoint, config_dir=tiny_base).unet.state_dict()[changed[0]])
+
+
+def test_two_processes_equal_one_with_the_whole_batch(tiny_base: Path, image_folder: Path, tmp_path: Path) -> None:
+    """`torchrun --nproc-per-node 2` (what `accelerate launch` runs) with batch 1 each = one process, batch 2."""
+    single = sara_train_cli(*train_args(tiny_base, image_folder, tmp_path / "single", "--steps", "3",
+                                        "--delta-dtype", "fp32"))
+    assert single.returncode == 0, single.stderr
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
+    ddp = sara_train_cli(*train_args(tiny_base, image_folder, tmp_path / "ddp", "--steps", "3", "--batch-size", "1",
+                                     "--delta-dtype", "fp32"), launcher=launcher)
+    assert ddp.returncode == 0, ddp.stderr
+    got, want = read_delta(tmp_path / "ddp" / "sara_delta.safetensors"), read_delta(tmp_path / "single" / "sara_delta.safetensors")
+    assert got.layers.keys() == want.layers.keys()
+    for name, layer in want.layers.items():
+        assert torch.equal(got.layers[name].flat_indices, layer.flat_indices)
+        torch.testing.assert_close(got.layers[name].values, layer.values, rtol=0, atol=1e-4)  # one Adam step is ~1e-3
+    losses = [row.loss for row in read_loss_log(tmp_path / "ddp" / "loss.csv")]
+    assert losses == pytest.approx([row.loss for row in read_loss_log(tmp_path / "single" / "loss.csv")], rel=1e-4)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def corrupt_image(folder: Path) -> str:
+    (folder / "disc_1.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    return "disc_1.png"
+
+
+def missing_caption(folder: Path) -> str:
+    (folder / "disc_2.txt").unlink()
+    return "disc_2.png"
+
+
+def empty_folder(folder: Path) -> str:
+    for path in folder.iterdir():
+        path.unlink()
+    return "is empty"
+
+
+@pytest.mark.parametrize("break_data", [corrupt_image, missing_caption, empty_folder])
+def test_bad_data_is_named_and_nothing_is_written(tiny_base: Path, tmp_path: Path, break_data) -> None:
+    data = write_image_folder(tmp_path / "data")
+    expected = break_data(data)
+    out = tmp_path / "run"
+    result = sara_train_cli(*train_args(tiny_base, data, out))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    error = result.stderr.splitlines()[-1]
+    assert error.startswith("sara-train train: error:") and expected in error
+    assert not out.exists() or not any(out.rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("make_base, expected", [
+    (lambda tmp: tmp / "nothing-here", "no such file or folder"),
+    (lambda tmp: (tmp / "model.ckpt").write_bytes(b"PK\x03\x04pickle") and tmp / "model.ckpt", "pickle"),
+    (lambda tmp: (tmp / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{") and tmp / "broken.safetensors", "broken.safetensors"),
+    (lambda tmp: (tmp / "folder").mkdir() or tmp / "folder", "model_index.json"),
+])
+def test_unloadable_base_is_explained(image_folder: Path, tmp_path: Path, make_base, expected: str) -> None:
+    result = sara_train_cli(*train_args(make_base(tmp_path), image_folder, tmp_path / "run"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert expected in result.stderr
+
+
+def test_out_of_disk_while_saving_leaves_no_corrupt_file(tiny_base: Path, image_folder: Path, tmp_path: Path) -> None:
+    """Files above 100 kB cannot be written (RLIMIT_FSIZE, as on a full disk): the delta save fails
+    with a message naming it, and neither a partial delta nor a temp file is left."""
+    def small_disk() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "sara_train", *train_args(tiny_base, image_folder, out, "--steps", "1",
+                                                              "--cache-dir", str(tmp_path / "cache"))]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, preexec_fn=small_disk,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 2, result.stderr
+    assert f"could not write {out / 'sara_delta.safetensors'}" in result.stderr and "File too large" in result.stderr
+    leftovers = [p.name for p in out.rglob("*") if p.suffix in (".tmp", ".safetensors")]
+    assert leftovers == [], leftovers
