@@ -10,7 +10,7 @@ export COMFYUI_DIR
 # The browser tests drive Debian's Chromium (apt needs root; sudo is used when not root).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install chromium test bench clean
+.PHONY: install chromium test demo bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -23,6 +23,15 @@ $(VENV)/.installed: pyproject.toml scripts/get_comfyui.py | $(PY)
 
 install: $(VENV)/.installed
 
+# The demo needs only the library (no ComfyUI, no browser): any torch build will do.
+$(VENV)/.demo-installed: pyproject.toml | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH)
+	$(PIP) install -q -e .
+	touch $@
+
+demo: $(VENV)/.demo-installed
+	$(PY) -m sara_train.demo --out demo-output
+
 chromium:
 	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
@@ -34,4 +43,4 @@ bench: install
 	$(PY) benchmarks/memory_speed.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info .cache
+	rm -rf $(VENV) .pytest_cache build *.egg-info .cache demo-output

@@ -31,17 +31,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_train(args: argparse.Namespace) -> int:
     from .trainer.config import config_from_arguments
+    from .trainer.loop import Distributed
     from .trainer.train import train
 
     config = config_from_arguments(args)
     result = train(config)
+    processes = Distributed()
+    if not processes.is_main:
+        return 0
     if result.interrupted:
         print(f"\ninterrupted after {len(result.losses)} steps; saved {result.delta_path}. "
               f"Continue with the same command plus --resume.", file=sys.stderr)
         return 130
     if result.losses:
         last = result.losses[-1]
-        print(f"trained {last.step} steps ({result.num_trainable:,} trainable entries) in {last.seconds:.0f} s; "
+        on = f" on {processes.world} processes" if processes.world > 1 else ""
+        print(f"trained {last.step} steps{on} ({result.num_trainable:,} trainable entries) in {last.seconds:.0f} s; "
               f"final loss {last.loss:.4f}; delta: {result.delta_path}")
     return 0
 
