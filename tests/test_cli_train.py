@@ -227,3 +227,20 @@ def test_out_of_disk_while_saving_leaves_no_corrupt_file(tiny_base: Path, image_
     assert f"could not write {out / 'sara_delta.safetensors'}" in result.stderr and "File too large" in result.stderr
     leftovers = [p.name for p in out.rglob("*") if p.suffix in (".tmp", ".safetensors")]
     assert leftovers == [], leftovers
+
+
+@pytest.mark.parametrize("kind, base_kind", [("sd2", "sd2"), ("sdxl", "sdxl")])
+def test_sd2_and_sdxl_bases_train(kind: str, base_kind: str, image_folder: Path, tmp_path: Path) -> None:
+    """v-prediction (SD2) and SDXL's pooled text embeddings + size/crop conditioning go through the
+    same command; the delta gets original SD names and the loss log is finite."""
+    base = write_tiny_sd_pipeline(tmp_path / kind, kind)
+    out = tmp_path / "run"
+    result = sara_train_cli(*train_args(base, image_folder, out, "--steps", "2", "--crop", "random",
+                                        "--random-crop-variants", "2", "--flip"))
+    assert result.returncode == 0, result.stderr
+    delta = read_delta(out / "sara_delta.safetensors")
+    assert delta.metadata["base_kind"] == base_kind and delta.metadata["examples"] == "16"  # 4 images x 2 crops x 2 flips
+    assert any(key.startswith("input_blocks.") for key in delta.layers)
+    if kind == "sdxl":
+        assert any(key.startswith("label_emb.") for key in delta.layers)  # the size/crop/pooled embedding trains too
+    assert all(0 < row.loss < 10 for row in read_loss_log(out / "loss.csv"))

@@ -146,7 +146,7 @@ def load_text_encoder(folder: str | Path) -> TextEncoder:
         config = TextEncoderConfig(**fields)
     except FileNotFoundError:
         raise SaRAError(f"{config_path}: no such file (a glyph text encoder config)") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (json.JSONDecodeError, KeyError, TypeError, SaRAError) as exc:
         raise SaRAError(f"{config_path}: not a valid text encoder config ({exc})") from None
     weights_path = folder / WEIGHTS_FILE
     read_safetensors_header(weights_path)
