@@ -112,7 +112,8 @@ def summary(output_dir: Path, result: TrainResult, report: DemoReport, seconds: 
     return (
         f"SaRA fine-tuned the embedded glyph model on {HELD_OUT_FONT.file_name} ('{HELD_OUT_FONT.style}', a "
         f"font the base never saw) with {len(FINETUNE_CHARACTERS)} characters, training {result.num_trainable:,} "
-        f"sparse entries for {len(result.losses)} steps in {seconds:.0f} s (loss {first:.3f} -> {last:.3f}). "
+        f"sparse entries for {len(result.losses)} steps (loss {first:.3f} -> {last:.3f}; the whole demo took "
+        f"{seconds:.0f} s). "
         f"On the {len(HELD_OUT_CHARACTERS)} held-out characters it never saw in that font, the nearest catalogued "
         f"style went from '{report.nearest_style_before}' to '{report.nearest_style_after}' (pixel distance to the "
         f"target font {report.distance_to_target_before:.3f} -> {report.distance_to_target_after:.3f}), and "
