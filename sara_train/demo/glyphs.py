@@ -69,14 +69,6 @@ HELD_OUT_FONT = Font("STIXGeneralItalic.ttf", "times italic")
 ALL_FONTS: tuple[Font, ...] = (*PRETRAINING_FONTS, HELD_OUT_FONT)
 
 
-def font_by_style(style: str) -> Font:
-    """The catalogued font whose style words are ``style``; ``SaRAError`` listing them if none."""
-    for font in ALL_FONTS:
-        if font.style == style:
-            return font
-    raise SaRAError(f"no catalogued font has style {style!r}; styles: {[f.style for f in ALL_FONTS]}")
-
-
 def _ink_box(font: ImageFont.FreeTypeFont, char: str) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) of ``char``'s ink relative to its left-baseline anchor."""
     return font.getbbox(char, anchor="ls")
