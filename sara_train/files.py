@@ -116,6 +116,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(temp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the usual permissions
     try:
         yield temp
+        os.chmod(temp, 0o666 & ~current_umask())  # again: writers such as safetensors recreate the file
         with temp.open("rb+") as file:
             os.fsync(file.fileno())
         os.replace(temp, path)

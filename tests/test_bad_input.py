@@ -3,6 +3,7 @@ import copy
 import json
 import os
 import pickle
+import stat
 import subprocess
 import sys
 import textwrap
@@ -178,3 +179,11 @@ def test_apply_to_injected_model_is_refused(delta, base: TinyNet) -> None:
         delta.apply_to(base)
     with pytest.raises(sara_train.SaRAError, match="already parametrized"):
         sara_train.inject(base, sara_train.SaRAConfig(budget=0.1))
+
+
+def test_saved_files_get_the_usual_permissions(delta, tmp_path: Path) -> None:
+    """safetensors recreates the file it writes; the atomic writer still gives it 0666 & ~umask."""
+    path = delta.save(tmp_path / "d.safetensors")
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
