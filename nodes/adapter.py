@@ -10,7 +10,7 @@ import torch
 from comfy.weight_adapter.base import WeightAdapterBase
 
 import sara_train
-from sara_train.delta import LayerDelta, add_sparse_, check_layer_fits
+from sara_train.delta import LayerDelta, add_sparse_, check_layer_fits, check_strength
 from sara_train.keys import resolve_keys
 
 
@@ -34,8 +34,10 @@ def patch_model(model, delta: sara_train.SparseDelta, strength: float, check_bas
     """A clone of ComfyUI ``model`` (a ModelPatcher) with ``delta`` added at ``strength``.
 
     Delta keys are matched to the model's state-dict keys (``diffusion_model.*``) directly or via
-    one prefix; keys, shapes and base weights are checked first (``DeltaMismatchError``).
+    one prefix; the strength (finite) and keys, shapes and base weights are checked first
+    (``SaRAError`` / ``DeltaMismatchError``), so a bad input leaves ``model`` untouched.
     """
+    strength = check_strength(strength)
     patcher = model.clone()
     state = patcher.model.state_dict()
     mapping = resolve_keys(delta.layers, state, "the model")

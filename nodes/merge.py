@@ -29,7 +29,8 @@ class SaRAMergeCheckpoint(io.ComfyNode):
         inputs += [
             io.String.Input("filename", default="sara_merged",
                             tooltip="Name of the new checkpoint in models/checkpoints (.safetensors is added)."),
-            io.Boolean.Input("overwrite", default=False),
+            io.Boolean.Input("overwrite", default=False,
+                             tooltip="Replace an existing checkpoint of that name (never the input checkpoint)."),
         ]
         return io.Schema(
             node_id="SaRAMergeCheckpoint",
@@ -52,8 +53,6 @@ class SaRAMergeCheckpoint(io.ComfyNode):
                 deltas.append(folder_paths.get_full_path_or_raise("sara", name))
                 strengths.append(float(slots[f"strength_{slot}"]))
         out = os.path.join(folder_paths.get_folder_paths("checkpoints")[0], filename.removesuffix(".safetensors") + ".safetensors")
-        if os.path.exists(out) and not overwrite:
-            raise ValueError(f"{out} already exists; choose another filename or set overwrite")
         source = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
-        sara_train.merge_checkpoint(source, deltas, out, strengths)
+        sara_train.merge_checkpoint(source, deltas, out, strengths, overwrite=overwrite)
         return io.NodeOutput(out)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -105,6 +106,9 @@ class SaRATrain(io.ComfyNode):
             seconds = time.perf_counter() - started
             metadata = training_metadata(model, data, options, settings, outcome.losses, seconds)
             delta = SparseDelta(outcome.delta.layers, outcome.delta.selection, metadata)
+            if outcome.stopped_early:
+                log.warning("SaRA Train: stopped after %d of %d steps: %s", outcome.steps_done, settings.steps,
+                            outcome.stopped_early)
             if outcome.cancelled:
                 log.warning("SaRA Train: cancelled after %d of %d steps; returning what was learned",
                             outcome.steps_done, settings.steps)
@@ -138,6 +142,11 @@ def train(model, data: TrainingSet, settings: TrainSettings, on_step: Callable[[
 
 
 def settings_from_options(options: dict) -> TrainSettings:
+    """The node's options as ``TrainSettings``, checked before any model is touched (ComfyUI's own
+    range check lets NaN through): ``ValueError`` / ``SaRAError`` naming the bad option."""
+    for name in ("learning_rate", "budget", "threshold", "rank_loss_weight", "progressive_fraction"):
+        if not math.isfinite(options[name]):
+            raise ValueError(f"{name} must be a finite number, got {options[name]}")
     steps = options["steps"]
     threshold = options["threshold"]
     selection = SaRAConfig(threshold=threshold) if threshold > 0 else SaRAConfig(budget=float(options["budget"]))
@@ -210,7 +219,7 @@ def training_metadata(model, data: TrainingSet, options: dict, settings: TrainSe
 
 
 def status_line(outcome: TrainOutcome, total_steps: int, seconds: float) -> str:
-    state = "cancelled" if outcome.cancelled else "done"
+    state = "cancelled" if outcome.cancelled else "stopped early" if outcome.stopped_early else "done"
     loss = f", final loss {outcome.losses[-1]:.4f}" if outcome.losses else ""
     return (f"{state}: {outcome.steps_done}/{total_steps} steps in {seconds:.1f} s, "
             f"{outcome.num_trainable:,} trainable entries{loss}")

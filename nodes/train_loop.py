@@ -60,6 +60,8 @@ class TrainOutcome:
     """One per optimizer step taken."""
     cancelled: bool
     num_trainable: int
+    stopped_early: str | None = None
+    """Why training ended before ``steps`` without a cancel (the progressive step froze every entry)."""
 
     @property
     def steps_done(self) -> int:
@@ -106,7 +108,7 @@ class SaRATrainSampler(comfy.samplers.Sampler):
             existing = self.settings.existing
             if existing is not None:
                 cleanup.callback(existing.apply_to(network).restore)
-            optimizer = sara_train.SaRAAdamW(
+            optimizer = sara_train.SaRAAdamW(  # on failure it leaves the shared network as it was
                 network, lr=self.settings.learning_rate, config=self.settings.selection,
                 rank_weight=self.settings.rank_weight, rank_layers_per_step=self.settings.rank_layers_per_step,
                 progressive_at=self.settings.progressive_at)
@@ -122,6 +124,7 @@ class SaRATrainSampler(comfy.samplers.Sampler):
             generator = torch.Generator().manual_seed(self.settings.seed)
             losses: list[float] = []
             cancelled = False
+            stopped_early = None
             try:
                 for step in range(1, self.settings.steps + 1):
                     if self.should_stop():
@@ -142,9 +145,13 @@ class SaRATrainSampler(comfy.samplers.Sampler):
                     optimizer.zero_grad(set_to_none=True)
                     losses.append(loss)
                     self.on_step(StepReport(step, loss, current_delta))
+                    if handle.num_trainable == 0:
+                        stopped_early = (f"the progressive step after step {step} left no entry trainable (every "
+                                         f"learned |value| reached the threshold {handle.threshold:.3g})")
+                        break
             finally:
                 model_wrap.conds["positive"] = all_conds
-            self.outcome = TrainOutcome(current_delta(), losses, cancelled, handle.num_trainable)
+            self.outcome = TrainOutcome(current_delta(), losses, cancelled, handle.num_trainable, stopped_early)
         return torch.zeros_like(latent_image)
 
     def _micro_batch(self, model_wrap, extra_args, buckets: list[Bucket], all_conds: list,

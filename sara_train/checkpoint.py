@@ -16,27 +16,39 @@ import torch
 
 from .delta import SparseDelta, add_sparse_, check_layer_fits, load_deltas
 from .errors import DeltaMismatchError, SaRAError
-from .files import SAFETENSORS_DTYPES, atomic_output, read_safetensors_header
+from .files import SAFETENSORS_DTYPES, atomic_output, check_output_file, read_safetensors_header
 from .keys import resolve_keys
 
 COPY_CHUNK_BYTES = 64 * 1024 * 1024
 
 
+MERGE_RECORD_KEY = "sara_merged"
+"""Checkpoint metadata key listing the deltas merged into it: a JSON list of
+``{"delta": content hash, "strength": s, "entries": n}``, one per delta, oldest first."""
+
+
 def merge_checkpoint(ckpt_in: str | os.PathLike,
                      delta: SparseDelta | str | os.PathLike | Sequence[SparseDelta | str | os.PathLike],
                      ckpt_out: str | os.PathLike, strength: float | Sequence[float] = 1.0,
-                     check_base: bool = True) -> Path:
+                     check_base: bool = True, overwrite: bool = False, allow_repeat: bool = False) -> Path:
     """Write ``ckpt_out`` = ``ckpt_in`` with ``strength * delta`` added; atomically.
 
-    ``delta`` is one delta or a list (objects or file paths), ``strength`` one number or one per
-    delta. Delta keys are matched to checkpoint keys exactly or via one prefix (a delta trained on
-    ComfyUI's ``diffusion_model.*`` or a bare UNet merges into ``model.diffusion_model.*``).
-    Raises ``DeltaMismatchError`` (keys, shapes, base weights) or ``SaRAError`` (bad files) before
-    anything is written; on any failure ``ckpt_out`` is not created or changed.
+    ``delta`` is one delta or a list (objects or file paths), ``strength`` one finite number or one
+    per delta. Delta keys are matched to checkpoint keys exactly or via one prefix (a delta trained
+    on ComfyUI's ``diffusion_model.*`` or a bare UNet merges into ``model.diffusion_model.*``).
+    The output records what was merged (``MERGE_RECORD_KEY``), so merging a delta into a
+    checkpoint that already holds it is refused unless ``allow_repeat``.
+    ``ckpt_out`` may not be an input file, nor an existing file unless ``overwrite``.
+    Raises ``DeltaMismatchError`` (keys, shapes, base weights, a repeated merge) or ``SaRAError``
+    (bad files or paths) before anything is written; on any failure ``ckpt_out`` is not created
+    or changed.
     """
     items = list(delta) if isinstance(delta, (list, tuple)) else [delta]
-    strengths = list(strength) if isinstance(strength, (list, tuple)) else [float(strength)] * len(items)
-    combined = SparseDelta.stack(load_deltas(items), strengths, check_base=check_base)
+    strengths = list(strength) if isinstance(strength, (list, tuple)) else [strength] * len(items)
+    check_output_file(ckpt_out, [ckpt_in, *(item for item in items if not isinstance(item, SparseDelta))],
+                      overwrite, "checkpoint output")
+    deltas = load_deltas(items)
+    combined = SparseDelta.stack(deltas, strengths, check_base=check_base)
     header = read_safetensors_header(ckpt_in)
     mapping = resolve_keys(combined.layers, header.tensors, f"checkpoint {ckpt_in}")
     by_checkpoint_key = {ckpt_key: combined.layers[key] for key, ckpt_key in mapping.items()}
@@ -47,9 +59,17 @@ def merge_checkpoint(ckpt_in: str | os.PathLike,
         if entry.shape != tuple(layer.shape):
             raise DeltaMismatchError(f"delta layer for {ckpt_key!r} has shape {layer.shape} but "
                                      f"{ckpt_in} has {entry.shape}: the delta is for another model")
+    records = merge_records(header.metadata)
+    for delta_item, item_strength in zip(deltas, strengths):
+        content = SparseDelta({mapping[k]: v for k, v in delta_item.layers.items()}).content_hash()
+        earlier = [record for record in records if record.get("delta") == content]
+        if earlier and not allow_repeat:
+            raise DeltaMismatchError(
+                f"{ckpt_in} already holds this delta (merged at strength {earlier[0].get('strength')}); merging "
+                f"it again would add it twice. Merge into the original checkpoint, or allow a repeated merge")
+        records.append({"delta": content, "strength": float(item_strength), "entries": delta_item.num_entries})
     metadata = dict(header.metadata)
-    metadata["sara_merged"] = json.dumps({"base_fingerprint": combined.base_fingerprint,
-                                          "strengths": strengths, "entries": combined.num_entries})
+    metadata[MERGE_RECORD_KEY] = json.dumps(records)
     raw_header = {name: {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
                   for name, e in header.tensors.items()}
     raw_header["__metadata__"] = metadata
@@ -74,6 +94,16 @@ def merge_checkpoint(ckpt_in: str | os.PathLike,
                 out.write(buffer)
             position = entry.end
     return Path(ckpt_out)
+
+
+def merge_records(metadata: dict[str, str]) -> list[dict]:
+    """The deltas a checkpoint's metadata says were merged into it (see ``MERGE_RECORD_KEY``);
+    an unreadable record counts as none."""
+    try:
+        records = json.loads(metadata.get(MERGE_RECORD_KEY, "[]"))
+    except (ValueError, RecursionError):
+        return []
+    return [record for record in records if isinstance(record, dict)] if isinstance(records, list) else []
 
 
 def _copy_bytes(source, out, count: int) -> None:

@@ -10,6 +10,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -23,9 +24,9 @@ from .analysis import (BudgetRow, ZeroingRow, budget_threshold_table, draw_histo
                        zero_small_weights_effect)
 from .checkpoint import merge_checkpoint
 from .config import SaRAConfig
-from .delta import SparseDelta
+from .delta import SparseDelta, check_strength, printable
 from .errors import DeltaMismatchError, SaRAError
-from .files import atomic_output, read_safetensors_header
+from .files import atomic_output, check_output_file, check_writable_folder, read_safetensors_header
 from .ldm_keys import delta_for_unet, unet_key_naming, unet_layout_from_ldm_keys
 from .selection import find_targets
 
@@ -43,40 +44,58 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output checkpoint file (for a file --base) or new folder (for a folder --base)")
     parser.add_argument("--no-check-base", action="store_true",
                         help="merge even if the base weights differ from the ones the delta was trained on")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out file (never an input, a folder or a special file)")
+    parser.add_argument("--allow-repeat", action="store_true",
+                        help="merge a delta that --base records as already merged into it (adds it twice)")
 
 
 def merge_command(args: argparse.Namespace) -> int:
     """Write ``args.out`` = ``args.base`` + sum of strength * delta. Delta keys in LDM or diffusers
-    naming both fit either kind of base."""
+    naming both fit either kind of base. The output may not be an input or an existing file
+    (unless ``--overwrite``); this is checked before anything is read."""
     base, out = Path(args.base), Path(args.out)
     specs = [parse_delta_spec(text) for text in args.delta]
+    options = dict(check_base=not args.no_check_base, allow_repeat=args.allow_repeat)
+    if base.is_dir():
+        check_new_folder(out, base)
+    else:
+        check_output_file(out, [base, *(path for path, _ in specs)], args.overwrite, "--out")
     deltas = [SparseDelta.load(path) for path, _ in specs]
     strengths = [strength for _, strength in specs]
-    check_base = not args.no_check_base
-    if out.resolve() == base.resolve():
-        raise SaRAError(f"--out {out} is the --base itself; write the merged model to a new path")
     if base.is_dir():
-        merge_diffusers_folder(base, deltas, strengths, out, check_base)
+        merge_diffusers_folder(base, deltas, strengths, out, **options)
     else:
-        merge_single_file(base, deltas, strengths, out, check_base)
+        merge_single_file(base, deltas, strengths, out, overwrite=args.overwrite, **options)
     print(f"merged {len(deltas)} delta(s) into {base} -> {out}")
     return 0
 
 
 def parse_delta_spec(text: str) -> tuple[Path, float]:
     """``"file.safetensors:0.8"`` -> ``(Path("file.safetensors"), 0.8)``; no number after the last
-    colon means strength 1 (so ``C:\\x.safetensors`` is a path)."""
+    colon means strength 1 (so ``C:\\x.safetensors`` is a path). A strength that is not finite
+    raises ``SaRAError``."""
     path, _, tail = text.rpartition(":")
     if path:
         try:
-            return Path(path), float(tail)
+            strength = float(tail)
         except ValueError:
-            pass
+            return Path(text), 1.0
+        return Path(path), check_strength(strength, f"the strength in --delta {text}")
     return Path(text), 1.0
 
 
+def check_new_folder(out: Path, base: Path) -> None:
+    """``SaRAError`` unless ``out`` is a new folder outside the folder ``base`` it is made from."""
+    if out.exists() or out.is_symlink():
+        raise SaRAError(f"--out {out} already exists; give a new folder name")
+    resolved_base = base.resolve()
+    if resolved_base == out.resolve() or resolved_base in out.resolve().parents:
+        raise SaRAError(f"--out {out} is inside --base {base}; write the merged folder elsewhere")
+
+
 def merge_single_file(base: Path, deltas: Sequence[SparseDelta], strengths: Sequence[float], out: Path,
-                      check_base: bool = True) -> Path:
+                      check_base: bool = True, overwrite: bool = False, allow_repeat: bool = False) -> Path:
     """Stream ``base`` (single-file .safetensors) plus the deltas into ``out``, atomically.
 
     A delta whose keys do not match the checkpoint is renamed between diffusers and LDM naming,
@@ -89,24 +108,24 @@ def merge_single_file(base: Path, deltas: Sequence[SparseDelta], strengths: Sequ
         layout = None
     naming = None if layout is None else "ldm"
     matched = [delta_for_unet(delta, header.tensors, f"checkpoint {base}", naming, layout) for delta in deltas]
-    return merge_checkpoint(base, matched, out, list(strengths), check_base)
+    return merge_checkpoint(base, matched, out, list(strengths), check_base, overwrite, allow_repeat)
 
 
 def merge_diffusers_folder(base: Path, deltas: Sequence[SparseDelta], strengths: Sequence[float], out: Path,
-                           check_base: bool = True) -> Path:
+                           check_base: bool = True, allow_repeat: bool = False) -> Path:
     """Write a new diffusers folder ``out``: ``base`` with the deltas merged into its UNet weights.
 
     Every complete copy of the UNet weights in ``base/unet`` (one file, or the shards of one
     ``*.safetensors.index.json``; each variant such as fp16) is merged, streaming, shard by shard;
     all other files are copied. Pickled UNet weights (.bin) are left out. Keys, shapes and names
     are checked before anything is copied; the folder is built beside ``out`` and renamed into
-    place, so ``out`` appears complete or not at all. Raises ``SaRAError`` if ``out`` exists.
+    place, so ``out`` appears complete or not at all. Raises ``SaRAError`` if ``out`` exists or is
+    inside ``base``, or ``base`` holds a symbolic-link loop.
     """
     unet_dir = base / "unet"
     if not (base / "model_index.json").is_file() or not (unet_dir / "config.json").is_file():
         raise SaRAError(f"{base} is not a diffusers pipeline folder (needs model_index.json and unet/config.json)")
-    if out.exists():
-        raise SaRAError(f"--out {out} already exists; give a new folder name")
+    check_new_folder(out, base)
     try:
         unet_config = json.loads((unet_dir / "config.json").read_text())
     except (OSError, ValueError) as exc:
@@ -128,18 +147,20 @@ def merge_diffusers_folder(base: Path, deltas: Sequence[SparseDelta], strengths:
                                                    d.selection, d.metadata) for d in matched]))
     merged_names = {path.name for path, _ in plan}
 
-    def skip_unet_weights(folder: str, names: list[str]) -> list[str]:
-        if Path(folder).resolve() != unet_dir.resolve():
-            return []
-        return [name for name in names if name in merged_names or name.endswith(PICKLED_WEIGHT_SUFFIXES)]
+    def skip_unet_weights(folder: Path, name: str) -> bool:
+        return folder == unet_dir.resolve() and (name in merged_names or name.endswith(PICKLED_WEIGHT_SUFFIXES))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        shutil.copytree(base, temp, ignore=skip_unet_weights, dirs_exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        temp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as error:
+        raise SaRAError(f"could not write {out}: {error.strerror or error}") from None
+    try:
+        copy_folder(base, temp, skip_unet_weights)
         for path, parts in plan:
             if any(part.layers for part in parts):
-                merge_checkpoint(path, parts, temp / "unet" / path.name, list(strengths), check_base)
+                merge_checkpoint(path, parts, temp / "unet" / path.name, list(strengths), check_base,
+                                 allow_repeat=allow_repeat)
             else:
                 shutil.copy2(path, temp / "unet" / path.name)
         os.replace(temp, out)
@@ -147,6 +168,31 @@ def merge_diffusers_folder(base: Path, deltas: Sequence[SparseDelta], strengths:
         shutil.rmtree(temp, ignore_errors=True)
         raise
     return out
+
+
+def copy_folder(source: Path, target: Path, skip: Callable[[Path, str], bool]) -> None:
+    """Copy the tree ``source`` into the existing folder ``target``, following symbolic links (a
+    Hugging Face snapshot is made of them) but refusing a link back into a folder being copied;
+    ``skip(resolved folder, name)`` leaves entries out. Raises ``SaRAError`` for a link loop or an
+    unreadable or unwritable entry."""
+    def copy(folder: Path, into: Path, ancestors: frozenset[Path]) -> None:
+        resolved = folder.resolve()
+        if resolved in ancestors:
+            raise SaRAError(f"{folder} links back to a folder that contains it (a symbolic-link loop); "
+                            f"sara-train will not copy it")
+        for entry in sorted(folder.iterdir()):
+            if skip(resolved, entry.name):
+                continue
+            if entry.is_dir():
+                (into / entry.name).mkdir()
+                copy(entry, into / entry.name, ancestors | {resolved})
+            else:
+                shutil.copy2(entry, into / entry.name)
+
+    try:
+        copy(source, target, frozenset())
+    except OSError as error:
+        raise SaRAError(f"cannot copy {source}: {error}") from None
 
 
 def unet_weight_groups(unet_dir: Path) -> list[list[Path]]:
@@ -177,10 +223,22 @@ def inspect_command(args: argparse.Namespace) -> int:
     """Print what a delta holds: totals, selection, base fingerprint, metadata, one row per layer."""
     delta = SparseDelta.load(args.file)
     if args.json:
-        print(json.dumps(delta_report(args.file, delta), indent=2))
+        print(json.dumps(finite_json(delta_report(args.file, delta)), indent=2, allow_nan=False))
     else:
         print(f"{args.file}\n{delta.summary()}\nkey naming: {unet_key_naming(delta.layers) or 'other'}")
     return 0
+
+
+def finite_json(value):
+    """``value`` (JSON-like) with every NaN or infinite float replaced by its name as a string
+    ("nan", "inf", "-inf"), so the printed JSON is valid."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: finite_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(item) for item in value]
+    return value
 
 
 def delta_report(path: Path, delta: SparseDelta) -> dict:
@@ -230,8 +288,11 @@ def analyze_command(args: argparse.Namespace) -> int:
     """Histogram of the UNet's |w|, budget -> threshold table and the paper's Sec. 3.1 zeroing
     check; printed, and written to ``args.out``."""
     from .trainer.base import load_base
+    from .trainer.config import parse_device
 
-    base = load_base(args.base, config_dir=args.base_config, device=args.device)
+    device = parse_device(args.device)
+    check_writable_folder(args.out, "--out")
+    base = load_base(args.base, config_dir=args.base_config, device=device)
     unet = base.unet.eval()
     config = SaRAConfig()
     weights = [getattr(t.module, t.param_name) for t in find_targets(unet, config)]
@@ -242,7 +303,6 @@ def analyze_command(args: argparse.Namespace) -> int:
     edges, counts = magnitude_histogram(weights)
     image = draw_histogram(edges, counts, {f"{row.budget:.1%}": row.threshold for row in budget_rows})
     report = analysis_report(args.base, sum(w.numel() for w in weights), budget_rows, zeroing_rows)
-    args.out.mkdir(parents=True, exist_ok=True)
     with atomic_output(args.out / "histogram.png") as temp:
         image.save(temp, format="PNG")
     _write_text(args.out / "report.md", report)

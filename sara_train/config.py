@@ -1,6 +1,8 @@
 """SaRAConfig: which weights SaRA trains and how they are selected."""
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -47,12 +49,13 @@ class SaRAConfig:
             raise SaRAError("SaRAConfig: give either threshold or budget, not both")
         if self.threshold is None and self.budget is None:
             self.budget = DEFAULT_BUDGET
-        if self.threshold is not None and not self.threshold > 0:
-            raise SaRAError(f"SaRAConfig: threshold must be > 0, got {self.threshold}")
+        if self.threshold is not None and not (isinstance(self.threshold, (int, float))
+                                               and math.isfinite(self.threshold) and self.threshold > 0):
+            raise SaRAError(f"SaRAConfig: threshold must be a finite number > 0, got {self.threshold!r}")
         if self.budget is not None:
             if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
                 raise SaRAError(f"SaRAConfig: budget must be a number, got {self.budget!r}")
-            if isinstance(self.budget, float) and not 0.0 < self.budget <= 1.0:
+            if isinstance(self.budget, float) and not 0.0 < self.budget <= 1.0:  # also refuses NaN
                 raise SaRAError(f"SaRAConfig: a fractional budget must be in (0, 1], got {self.budget}")
             if isinstance(self.budget, int) and self.budget < 1:
                 raise SaRAError(f"SaRAConfig: a count budget must be >= 1, got {self.budget}")
@@ -60,3 +63,9 @@ class SaRAConfig:
             raise SaRAError(f"SaRAConfig: values_dtype must be a float dtype, got {self.values_dtype}")
         if self.probe_size < 1:
             raise SaRAError(f"SaRAConfig: probe_size must be >= 1, got {self.probe_size}")
+        for option in ("include", "exclude"):
+            for pattern in getattr(self, option):
+                try:
+                    re.compile(pattern)
+                except re.error as error:
+                    raise SaRAError(f"SaRAConfig: {option} pattern {pattern!r} is not a valid regex ({error})") from None

@@ -36,6 +36,18 @@ PROBE_RTOL = 2e-2
 SUFFIXES = ("::idx", "::val", "::probe_idx", "::probe_val")
 
 
+def check_strength(strength: float, where: str = "strength") -> float:
+    """``strength`` as a float; ``SaRAError`` unless it is a finite number."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+        raise SaRAError(f"{where} must be a finite number, got {strength!r}")
+    return float(strength)
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (terminal escape codes, newlines) shown as escapes."""
+    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in text)
+
+
 @dataclass
 class LayerDelta:
     """The update of one weight tensor of shape ``shape``.
@@ -104,13 +116,13 @@ class DeltaSummary:
 
     def __str__(self) -> str:
         lines = [f"SaRA delta: {len(self.layers)} layers, {self.entries:,} entries, "
-                 f"{self.nbytes / 2**20:.2f} MiB, base {self.base_fingerprint}, selection {self.selection}"]
+                 f"{self.nbytes / 2**20:.2f} MiB, base {self.base_fingerprint}, selection {printable(str(self.selection))}"]
         if self.metadata:
-            lines.append("metadata: " + ", ".join(f"{k}={v}" for k, v in sorted(self.metadata.items())))
+            lines.append("metadata: " + ", ".join(f"{printable(k)}={printable(v)}" for k, v in sorted(self.metadata.items())))
         width = max((len(row[0]) for row in self.layers), default=5)
         lines.append(f"{'layer':<{width}}  {'shape':<20} {'entries':>11} {'of layer':>9} {'bytes':>11}")
         for key, shape, entries, fraction, nbytes in self.layers:
-            lines.append(f"{key:<{width}}  {str(list(shape)):<20} {entries:>11,} {fraction:>8.2%} {nbytes:>11,}")
+            lines.append(f"{printable(key):<{width}}  {str(list(shape)):<20} {entries:>11,} {fraction:>8.2%} {nbytes:>11,}")
         return "\n".join(lines)
 
 
@@ -141,6 +153,17 @@ class SparseDelta:
             digest.update(layer.probe_values.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
         return digest.hexdigest()[:16]
 
+    def content_hash(self) -> str:
+        """16 hex digits identifying what the delta adds: keys, shapes, indices and values (as fp32).
+        Equal for the same delta whatever its value dtype was widened to; used to notice a delta
+        being merged into a checkpoint a second time."""
+        digest = hashlib.sha256()
+        for key, layer in self.layers.items():
+            digest.update(f"{key}:{list(layer.shape)}:".encode())
+            digest.update(layer.flat_indices.numpy().tobytes())
+            digest.update(layer.values.float().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
     def summary(self) -> DeltaSummary:
         rows = [(key, layer.shape, layer.numel, layer.numel / max(1, math.prod(layer.shape)), layer.nbytes)
                 for key, layer in self.layers.items()]
@@ -166,6 +189,7 @@ class SparseDelta:
 
     def scale(self, strength: float) -> SparseDelta:
         """A copy with every value multiplied by ``strength`` (computed in fp32)."""
+        strength = check_strength(strength)
         layers = {k: replace(v, values=(v.values.float() * strength).to(v.values.dtype))
                   for k, v in self.layers.items()}
         return SparseDelta(layers, self.selection, self.metadata)
@@ -175,18 +199,21 @@ class SparseDelta:
               check_base: bool = True) -> SparseDelta:
         """One delta equal to ``sum(strength_i * delta_i)``: index sets are united, values summed.
 
-        Values are summed in fp32 and stored in the widest input dtype. With ``check_base``,
-        deltas that disagree on the base weights of a shared key raise ``DeltaMismatchError``.
+        Values are summed in fp32 and stored in the inputs' dtype when they all share one, else in
+        fp32 (so neither fp16's range nor bf16's precision is lost). With ``check_base``, deltas
+        that disagree on the base weights of a shared key raise ``DeltaMismatchError``. Strengths
+        must be finite (``SaRAError``).
         """
         if not deltas:
             raise SaRAError("stack needs at least one delta")
         strengths = [1.0] * len(deltas) if strengths is None else list(strengths)
         if len(strengths) != len(deltas):
             raise SaRAError(f"stack got {len(deltas)} deltas but {len(strengths)} strengths")
+        strengths = [check_strength(s) for s in strengths]
         if len(deltas) == 1:  # nothing to unite: no copies of the indices
             return deltas[0] if strengths[0] == 1.0 else deltas[0].scale(strengths[0])
-        dtype = max((l.values.dtype for d in deltas for l in d.layers.values()),
-                    key=lambda t: torch.finfo(t).bits, default=torch.float32)
+        dtypes = {layer.values.dtype for delta in deltas for layer in delta.layers.values()}
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
         parts: dict[str, list[tuple[LayerDelta, float]]] = {}
         for delta, strength in zip(deltas, strengths):
             for key, layer in delta.layers.items():
@@ -247,12 +274,7 @@ class SparseDelta:
         if meta.get("format_version") != FORMAT_VERSION:
             raise DeltaFormatError(f"{path}: unsupported sara-delta version {meta.get('format_version')!r} "
                                    f"(this sara_train reads version {FORMAT_VERSION})")
-        try:
-            shapes = {k: tuple(int(d) for d in v) for k, v in json.loads(meta["shapes"]).items()}
-            selection = json.loads(meta.get("selection", "{}"))
-            user = json.loads(meta.get("user", "{}"))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise DeltaFormatError(f"{path}: malformed sara-delta metadata ({exc})") from None
+        shapes, selection, user = _parse_metadata(path, meta)
         expected = {key + suffix for key in shapes for suffix in SUFFIXES}
         if set(header.tensors) != expected:
             missing = sorted(expected - set(header.tensors))[:3]
@@ -279,9 +301,11 @@ class SparseDelta:
         Keys are matched exactly or through one common prefix (e.g. ``model.diffusion_model.``).
         Everything is checked first (keys, shapes, contiguity, base fingerprint unless
         ``check_base=False``); if applying still fails, already-changed tensors are restored.
-        Raises ``DeltaMismatchError``. ``strength=-1`` undoes ``strength=1`` up to rounding; the
-        returned ``RestorePoint`` undoes it bit-exactly.
+        Raises ``DeltaMismatchError``, or ``SaRAError`` for a strength that is not finite.
+        ``strength=-1`` undoes ``strength=1`` up to rounding; the returned ``RestorePoint`` undoes
+        it bit-exactly.
         """
+        strength = check_strength(strength)
         tensors = _named_tensors(target)
         mapping = resolve_keys(self.layers, tensors, "the target")
         for key, target_key in mapping.items():
@@ -297,6 +321,29 @@ class SparseDelta:
                 restore_point.restore()
                 raise
         return restore_point
+
+
+def _parse_metadata(path: str | os.PathLike, meta: dict[str, str]) -> tuple[dict[str, tuple[int, ...]], dict, dict]:
+    """``(shapes, selection, user)`` from a delta file's metadata; ``DeltaFormatError`` unless
+    ``shapes`` is an object of non-negative integer lists, ``selection`` an object and ``user`` an
+    object of strings."""
+    def parse(name: str, default: str):
+        try:
+            return json.loads(meta.get(name, default))
+        except (ValueError, RecursionError) as exc:
+            raise DeltaFormatError(f"{path}: metadata {name!r} is not valid JSON ({exc})") from None
+
+    shapes, selection, user = parse("shapes", "null"), parse("selection", "{}"), parse("user", "{}")
+    if not isinstance(shapes, dict) or not all(
+            isinstance(dims, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims)
+            for dims in shapes.values()):
+        raise DeltaFormatError(f"{path}: metadata 'shapes' must be a JSON object of layer shapes "
+                               f"(lists of non-negative integers)")
+    if not isinstance(selection, dict):
+        raise DeltaFormatError(f"{path}: metadata 'selection' must be a JSON object, got {type(selection).__name__}")
+    if not isinstance(user, dict) or not all(isinstance(value, str) for value in user.values()):
+        raise DeltaFormatError(f"{path}: metadata 'user' must be a JSON object of strings")
+    return {key: tuple(dims) for key, dims in shapes.items()}, selection, user
 
 
 class RestorePoint:

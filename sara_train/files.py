@@ -1,11 +1,14 @@
-"""Safe file handling: safetensors header validation (never unpickle) and atomic writes."""
+"""Safe file handling: safetensors header validation (never unpickle), atomic writes, and checks
+that an output path may be written before any work starts."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import stat
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +20,15 @@ from .errors import SaRAError
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+"""safetensors dtype names sara_train can read as torch tensors."""
+ITEM_BYTES = {"F64": 8, "I64": 8, "U64": 8, "C64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
+              "I16": 2, "U16": 2, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1,
+              "F8_E8M0": 1, "I8": 1, "U8": 1, "BOOL": 1}
+"""Bytes per element of every safetensors dtype with whole-byte elements (used to check offsets)."""
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
@@ -74,25 +83,41 @@ def read_safetensors_header(path: str | os.PathLike, error: type[SaRAError] = Sa
                         f"does not fit a {size}-byte file; truncated or another format)")
         try:
             header = json.loads(file.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise error(f"{path} is not a valid safetensors file (header is not JSON: {exc})") from None
     if not isinstance(header, dict):
         raise error(f"{path} is not a valid safetensors file (header is not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise error(f"{path} is not a valid safetensors file (__metadata__ must be an object of strings)")
     data_start = 8 + header_len
     tensors: dict[str, TensorEntry] = {}
     for name, info in header.items():
-        try:
-            begin, end = info["data_offsets"]
-            entry = TensorEntry(str(info["dtype"]), tuple(int(d) for d in info["shape"]), int(begin), int(end))
-        except (KeyError, TypeError, ValueError):
-            raise error(f"{path}: malformed header entry for tensor {name!r}") from None
-        if data_start + entry.end > size:
-            raise error(f"{path} is truncated: tensor {name!r} needs bytes up to "
-                        f"{data_start + entry.end} but the file has {size}")
-        tensors[name] = entry
+        tensors[name] = _tensor_entry(path, name, info, size - data_start, error)
     tensors = dict(sorted(tensors.items(), key=lambda item: item[1].begin))
-    return SafetensorsHeader(path, tensors, {str(k): str(v) for k, v in metadata.items()}, data_start)
+    return SafetensorsHeader(path, tensors, metadata, data_start)
+
+
+def _tensor_entry(path: Path, name: str, info: object, data_size: int, error: type[SaRAError]) -> TensorEntry:
+    """One header entry, checked: its byte range lies in the file and, for dtypes of whole-byte
+    elements, holds exactly ``prod(shape)`` of them."""
+    try:
+        begin, end = info["data_offsets"]
+        shape = info["shape"]
+        if not isinstance(shape, list) or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
+            raise TypeError
+        entry = TensorEntry(str(info["dtype"]), tuple(shape), int(begin), int(end))
+    except (KeyError, TypeError, ValueError):
+        raise error(f"{path}: malformed header entry for tensor {name!r}") from None
+    if entry.end > data_size:
+        raise error(f"{path} is truncated: tensor {name!r} needs bytes up to {entry.end} of the data section "
+                    f"but the file holds {data_size}")
+    item_bytes = ITEM_BYTES.get(entry.dtype)
+    if entry.begin < 0 or entry.end < entry.begin or (
+            item_bytes is not None and entry.end - entry.begin != math.prod(entry.shape) * item_bytes):
+        raise error(f"{path}: tensor {name!r} ({entry.dtype}, shape {list(entry.shape)}) does not fit its byte "
+                    f"range [{entry.begin}, {entry.end}); the header is corrupt")
+    return entry
 
 
 def current_umask() -> int:
@@ -105,25 +130,70 @@ def current_umask() -> int:
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``.
 
-    If the body raises (including out-of-disk ``OSError``), the temporary file is removed and
-    ``path`` is left as it was.
+    Creating the folder or the temporary file, the body and the rename all fail the same way: an
+    ``OSError`` (out of disk, no permission, a file where a folder should be) or ``SafetensorError``
+    becomes ``SaRAError("could not write <path>: <reason>; ...")``. On any failure (any exception,
+    Ctrl-C included) the temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    temp = Path(temp_name)
-    os.chmod(temp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the usual permissions
+    temp: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        temp = Path(temp_name)
+        os.chmod(temp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the usual permissions
         yield temp
         os.chmod(temp, 0o666 & ~current_umask())  # again: writers such as safetensors recreate the file
         with temp.open("rb+") as file:
             os.fsync(file.fileno())
         os.replace(temp, path)
-    except (OSError, SafetensorError) as error:  # out of disk, file too large, permissions (safetensors
-        temp.unlink(missing_ok=True)              # reports its I/O errors as SafetensorError)
+    except (OSError, SafetensorError) as error:  # safetensors reports its I/O errors as SafetensorError
+        if temp is not None:
+            temp.unlink(missing_ok=True)
         reason = getattr(error, "strerror", None) or error
         raise SaRAError(f"could not write {path}: {reason}; the previous file, if any, is unchanged") from error
     except BaseException:
-        temp.unlink(missing_ok=True)
+        if temp is not None:
+            temp.unlink(missing_ok=True)
         raise
+
+
+def check_writable_folder(folder: str | os.PathLike, what: str) -> Path:
+    """Create ``folder`` if needed and prove it takes new files (a probe file is written and
+    removed), so a run fails before its work rather than at its first save. Raises ``SaRAError``
+    naming ``what`` (e.g. ``"--output-dir"``) and the reason."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        reason = error.strerror or error
+        raise SaRAError(f"{what} {folder} cannot be written to: {reason}") from None
+    return folder
+
+
+def check_output_file(out: str | os.PathLike, inputs: Iterable[str | os.PathLike], overwrite: bool,
+                      what: str = "output") -> Path:
+    """Refuse an output path that would destroy something: one that is (or links to) any of
+    ``inputs``, an existing file unless ``overwrite``, or anything that is not a regular file
+    (a folder, FIFO or device node), whatever ``overwrite`` says. Raises ``SaRAError``."""
+    out = Path(out)
+    for source in inputs:
+        if _same_file(out, Path(source)):
+            raise SaRAError(f"{what} {out} is the input file {source}; writing it would destroy the input: "
+                            f"choose a new file name")
+    if out.exists() or out.is_symlink():
+        if not stat.S_ISREG(out.stat().st_mode if out.exists() else os.lstat(out).st_mode):
+            raise SaRAError(f"{what} {out} exists and is not a regular file; choose a new file name")
+        if not overwrite:
+            raise SaRAError(f"{what} {out} already exists; choose a new file name or allow overwriting it")
+    return out
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False

@@ -14,6 +14,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .config import SaRAConfig
 from .delta import LayerDelta, SparseDelta
+from .errors import SaRAError
 from .rank_loss import nuclear_norm, nuclear_norm_and_grad
 from .selection import Target, find_targets, select_entries
 from .sparse import SparseUpdate
@@ -24,36 +25,46 @@ def inject(model: nn.Module, config: SaRAConfig | None = None) -> SaRAHandle:
 
     Every parameter of ``model`` gets ``requires_grad=False``; only the handle's sparse values
     train. The model stays a plain module with the same forward; ``handle.remove()`` undoes it all.
+    Raises ``SaRAError`` when nothing is targeted or selected; if injection fails part way, the
+    model is left exactly as it was.
     """
     config = config or SaRAConfig()
     targets = find_targets(model, config)
     weights = {t.name: getattr(t.module, t.param_name) for t in targets}
     threshold, flat_indices = select_entries(weights, config)
+    if not flat_indices:
+        smallest = min(float(w.detach().abs().float().min()) for w in weights.values())
+        raise SaRAError(f"threshold {threshold:g} selects no entries: the smallest |w| of the targeted weights "
+                        f"is {smallest:g}; raise the threshold or give a budget")
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    model.requires_grad_(False)
-    layers: dict[str, tuple[Target, SparseUpdate]] = {}
-    for target in targets:
-        if target.name not in flat_indices:
-            continue
-        update = SparseUpdate(weights[target.name], flat_indices[target.name],
-                              config.values_dtype, config.probe_size)
-        parametrize.register_parametrization(target.module, target.param_name, update, unsafe=True)
-        layers[target.name] = (target, update)
     num_targeted = sum(w.numel() for w in weights.values())
-    return SaRAHandle(model, config, threshold, layers, requires_grad, num_targeted)
+    handle = SaRAHandle(model, config, threshold, requires_grad, num_targeted)
+    try:
+        model.requires_grad_(False)
+        for target in targets:
+            if target.name not in flat_indices:
+                continue
+            update = SparseUpdate(weights[target.name], flat_indices[target.name],
+                                  config.values_dtype, config.probe_size)
+            parametrize.register_parametrization(target.module, target.param_name, update, unsafe=True)
+            handle.add_layer(target, update)
+    except BaseException:
+        handle.remove(merge=False)
+        raise
+    return handle
 
 
 class SaRAHandle:
-    """Live SaRA state of one model. ``layers`` maps weight key -> ``SparseUpdate``."""
+    """Live SaRA state of one model (made by ``inject``). ``layers`` maps weight key -> ``SparseUpdate``;
+    ``requires_grad`` holds the model's flags from before injection, restored by ``remove()``."""
 
-    def __init__(self, model: nn.Module, config: SaRAConfig, threshold: float,
-                 layers: dict[str, tuple[Target, SparseUpdate]], requires_grad: dict[str, bool],
+    def __init__(self, model: nn.Module, config: SaRAConfig, threshold: float, requires_grad: dict[str, bool],
                  num_targeted: int) -> None:
         self.model = model
         self.config = config
         self.threshold = threshold
-        self._targets = {name: target for name, (target, _) in layers.items()}
-        self.layers: dict[str, SparseUpdate] = {name: update for name, (_, update) in layers.items()}
+        self._targets: dict[str, Target] = {}
+        self.layers: dict[str, SparseUpdate] = {}
         self._requires_grad = requires_grad
         self._rank_cursor = 0
         self._pending_swaps: dict[int, tuple[nn.Parameter, nn.Parameter, torch.Tensor]] = {}
@@ -61,6 +72,11 @@ class SaRAHandle:
         self.removed = False
         self.num_targeted = num_targeted
         """Entries of all targeted weights (the denominator of a fractional budget)."""
+
+    def add_layer(self, target: Target, update: SparseUpdate) -> None:
+        """Record a weight that ``inject`` has just parametrized with ``update``."""
+        self._targets[target.name] = target
+        self.layers[target.name] = update
 
     # ----------------------------------------------------------------- parameters
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -75,7 +91,6 @@ class SaRAHandle:
     @property
     def num_trainable(self) -> int:
         return sum(update.values.numel() for update in self.layers.values())
-
 
     def weight(self, name: str) -> torch.Tensor:
         """The module's own (frozen) weight tensor for key ``name``; it holds the trained values."""

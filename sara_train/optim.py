@@ -1,14 +1,34 @@
 """``SaRAAdamW``: the paper's one-line form, an AdamW built from the model that does selection,
-the rank loss and the progressive re-selection itself, on top of ``inject``."""
+the rank loss and the progressive re-selection itself, on top of ``inject``.
+
+Weight decay here means decoupled decay of the *update* ΔP = values - pretrained values toward
+zero (i.e. of the trained entries toward their pretrained values): each step first sets
+``ΔP <- ΔP * (1 - lr * weight_decay)``, then takes the Adam step. torch's AdamW would instead
+shrink the absolute weights toward zero, pulling the pretrained model itself away. The default is
+0, so a step with a zero gradient leaves every weight unchanged.
+"""
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from .config import SaRAConfig
+from .errors import SaRAError
 from .model import SaRAHandle, inject
+
+
+def check_hyperparameters(lr: float, weight_decay: float, rank_weight: float, rank_layers_per_step: int | None,
+                          progressive_at: int | None) -> None:
+    """Raise ``SaRAError`` naming the first value that is not finite or out of range."""
+    for name, value in (("lr", lr), ("weight_decay", weight_decay), ("rank_weight", rank_weight)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise SaRAError(f"SaRAAdamW: {name} must be a finite number >= 0, got {value!r}")
+    for name, count in (("rank_layers_per_step", rank_layers_per_step), ("progressive_at", progressive_at)):
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+            raise SaRAError(f"SaRAAdamW: {name} must be an int >= 1 or None, got {count!r}")
 
 
 class SaRAAdamW(torch.optim.AdamW):
@@ -17,24 +37,33 @@ class SaRAAdamW(torch.optim.AdamW):
     ``optimizer = SaRAAdamW(model, lr=1e-4, threshold=1e-3, rank_weight=1e-4, progressive_at=500)``
     then a plain loop (``loss.backward(); optimizer.step(); optimizer.zero_grad()``). Each ``step``
     first adds ``rank_weight * d||ΔP||_* / d values`` to the gradients (over ``rank_layers_per_step``
-    layers, all by default), and after step number ``progressive_at`` re-selects the trainable
-    entries keeping their Adam moments. ``optimizer.handle`` is the ``SaRAHandle``
-    (``handle.delta()``, ``handle.remove()``).
+    layers, all by default), decays ΔP by ``weight_decay`` (see the module docstring; a group's
+    ``"weight_decay"`` has that meaning), takes the Adam step, and after step number
+    ``progressive_at`` re-selects the trainable entries keeping their Adam moments.
+    ``optimizer.handle`` is the ``SaRAHandle`` (``handle.delta()``, ``handle.remove()``).
+
+    Hyperparameters are checked before the model is touched, and if building the optimizer fails
+    after injection the model is restored, so a failure leaves ``model`` as it was.
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-4, *, threshold: float | None = None,
                  budget: float | int | None = None, rank_weight: float = 0.0,
                  rank_layers_per_step: int | None = None, progressive_at: int | None = None,
-                 config: SaRAConfig | None = None, **adamw_kwargs) -> None:
+                 weight_decay: float = 0.0, config: SaRAConfig | None = None, **adamw_kwargs) -> None:
+        check_hyperparameters(lr, weight_decay, rank_weight, rank_layers_per_step, progressive_at)
         if config is None:
             config = SaRAConfig(threshold=threshold, budget=budget)
         self.handle: SaRAHandle = inject(model, config)
+        try:
+            super().__init__(list(self.handle.parameters()), lr=lr, weight_decay=weight_decay, **adamw_kwargs)
+        except BaseException:
+            self.handle.remove(merge=False)
+            raise
         self.rank_weight = rank_weight
         self.rank_layers_per_step = rank_layers_per_step
         self.progressive_at = progressive_at
         self.steps_taken = 0
         self.last_rank_loss = 0.0
-        super().__init__(list(self.handle.parameters()), lr=lr, **adamw_kwargs)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -44,8 +73,28 @@ class SaRAAdamW(torch.optim.AdamW):
                 loss = closure()
         if self.rank_weight:
             self.last_rank_loss = float(self.handle.add_rank_loss_grad(self.rank_weight, self.rank_layers_per_step))
-        super().step()
+        self._decay_updates()
+        decays = [group["weight_decay"] for group in self.param_groups]
+        try:
+            for group in self.param_groups:
+                group["weight_decay"] = 0.0  # applied to ΔP above, not to the absolute weights
+            super().step()
+        finally:
+            for group, decay in zip(self.param_groups, decays):
+                group["weight_decay"] = decay
         self.steps_taken += 1
         if self.progressive_at is not None and self.steps_taken == self.progressive_at:
             self.handle.reselect(self)
         return loss
+
+    def _decay_updates(self) -> None:
+        """``values <- base + (values - base) * (1 - lr * weight_decay)`` for every group with decay."""
+        base_of = {id(update.values): update.base_values for update in self.handle.layers.values()}
+        for group in self.param_groups:
+            decay = group["weight_decay"] * group["lr"]
+            if not decay:
+                continue
+            for values in group["params"]:
+                base = base_of.get(id(values))
+                if base is not None:
+                    values.sub_(decay * (values - base.to(values.dtype)))

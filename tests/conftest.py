@@ -35,6 +35,22 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A random tiny SD1.5 diffusers pipeline folder (``tiny_sd``)."""
+    from tiny_sd import write_tiny_sd_pipeline
+
+    return write_tiny_sd_pipeline(tmp_path_factory.mktemp("base") / "sd15", "sd15")
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """Four captioned PNGs (``train_cli.write_image_folder``); tests must not change it."""
+    from train_cli import write_image_folder
+
+    return write_image_folder(tmp_path_factory.mktemp("data") / "discs")
+
+
+@pytest.fixture(scope="session")
 def comfy(tmp_path_factory):
     """A running ComfyUI with tiny models: ``(server, base UNet state dict)``.
 

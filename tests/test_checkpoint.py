@@ -65,7 +65,9 @@ def test_merge_equals_applying_to_the_state_dict(checkpoint, tmp_path: Path) -> 
     with safe_open(str(out), "pt") as f:
         metadata = f.metadata()
     assert metadata["modelspec.title"] == "tiny"
-    assert json.loads(metadata["sara_merged"])["strengths"] == [1.0, 0.5]
+    records = json.loads(metadata["sara_merged"])
+    assert [r["strength"] for r in records] == [1.0, 0.5]
+    assert len({r["delta"] for r in records}) == 2
 
 
 def test_merge_refuses_a_delta_from_another_base(checkpoint, tmp_path: Path) -> None:
@@ -75,10 +77,12 @@ def test_merge_refuses_a_delta_from_another_base(checkpoint, tmp_path: Path) -> 
     out = tmp_path / "merged.safetensors"
     out.write_bytes(b"previous content")
     with pytest.raises(sara_train.DeltaMismatchError, match="another model"):
-        sara_train.merge_checkpoint(path, foreign, out)
+        sara_train.merge_checkpoint(path, foreign, out, overwrite=True)
     assert out.read_bytes() == b"previous content"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "merged.safetensors"]
-    sara_train.merge_checkpoint(path, foreign, out, check_base=False)
+    with pytest.raises(sara_train.SaRAError, match="already exists"):
+        sara_train.merge_checkpoint(path, foreign, out, check_base=False)
+    sara_train.merge_checkpoint(path, foreign, out, check_base=False, overwrite=True)
     assert set(load_file(str(out))) == set(load_file(str(path)))
 
 

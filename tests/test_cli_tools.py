@@ -146,7 +146,7 @@ def test_merge_reports_bad_inputs(setup, tmp_path):
     with pytest.raises(SaRAError, match="no such file"):
         merge_command(parse("merge", "--base", tmp_path / "missing.safetensors", "--delta", setup["ldm_delta"],
                         "--out", tmp_path / "o.safetensors"))
-    with pytest.raises(SaRAError, match="is the --base itself"):
+    with pytest.raises(SaRAError, match="is the input file"):
         merge_command(parse("merge", "--base", setup["file"], "--delta", setup["ldm_delta"], "--out", setup["file"]))
 
 

@@ -6,64 +6,15 @@ import resource
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from tiny_sd import write_tiny_sd_pipeline
+from train_cli import REPO, assert_identical, read_delta, sara_train_cli, train_args, write_image_folder
 
-from sara_train import SparseDelta
 from sara_train.trainer.logs import read_loss_log
-
-REPO = Path(__file__).resolve().parents[1]
-COLORS = ["red", "blue", "green", "orange"]
-
-
-def write_image_folder(folder: Path, count: int = 4, size: int = 40) -> Path:
-    """``count`` PNGs of coloured discs on grey, each with a kohya-style caption file."""
-    folder.mkdir(parents=True)
-    for i in range(count):
-        image = Image.new("RGB", (size, size + 8 * (i % 2)), "gray")
-        ImageDraw.Draw(image).ellipse([4 + i, 4, size - 6, size - 4 - i], fill=COLORS[i % len(COLORS)])
-        image.save(folder / f"disc_{i}.png")
-        (folder / f"disc_{i}.txt").write_text(f"a {COLORS[i % len(COLORS)]} disc")
-    return folder
-
-
-def sara_train_cli(*args: str, env: dict | None = None, launcher: list[str] | None = None,
-                   timeout: int = 300) -> subprocess.CompletedProcess:
-    command = (launcher or [sys.executable]) + ["-m", "sara_train", *args]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    return write_tiny_sd_pipeline(tmp_path_factory.mktemp("base") / "sd15", "sd15")
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory) -> Path:
-    return write_image_folder(tmp_path_factory.mktemp("data") / "discs")
-
-
-def train_args(base: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--base", str(base), "--data", str(data), "--output-dir", str(out), "--resolution", "32",
-            "--steps", "6", "--batch-size", "2", "--learning-rate", "1e-3", "--budget", "0.1",
-            "--cache-dir", str(out.parent / "cache"), "--device", "cpu", *extra]
-
-
-def read_delta(path: Path) -> SparseDelta:
-    return SparseDelta.load(path)
-
-
-def assert_identical(got: SparseDelta, want: SparseDelta) -> None:
-    assert got.layers.keys() == want.layers.keys()
-    for name, layer in want.layers.items():
-        assert torch.equal(got.layers[name].flat_indices, layer.flat_indices), name
-        assert torch.equal(got.layers[name].values, layer.values), name
 
 
 @pytest.fixture(scope="module")
@@ -92,22 +43,19 @@ def test_train_writes_a_complete_run(trained: Path) -> None:
 
 def test_resume_after_ctrl_c_is_bit_identical(trained: Path, tiny_base: Path, image_folder: Path,
                                               tmp_path: Path) -> None:
-    """SIGINT a real training process once it has saved, resume it, compare with the uninterrupted run."""
+    """A real process gets SIGINT in the UNet's forward of step 4 (after its step-2 save): it saves
+    step 3, exits 130; resuming it ends bit-identical to the uninterrupted run."""
     out = tmp_path / "interrupted"
     args = train_args(tiny_base, image_folder, out, "--save-every", "2", "--sample-prompts", "a red disc",
                       "--sample-steps", "2", "--progressive-fraction", "0.5", "--cache-dir", str(trained.parent / "cache"))
-    process = subprocess.Popen([sys.executable, "-m", "sara_train", *args], cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    deadline = time.monotonic() + 240
-    while not (out / "sara_delta_step000002.safetensors").exists() and process.poll() is None:
-        assert time.monotonic() < deadline, "no periodic save appeared"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=240)
-    assert process.returncode == 130, stderr
-    assert "--resume" in stderr
-    steps_done = int(read_delta(sorted(out.glob("sara_delta_step*"))[-1]).metadata["steps"])
-    assert 2 <= steps_done < 6
+    injected = [sys.executable, str(REPO / "tests" / "inject_signal.py"),
+                "diffusers:UNet2DConditionModel.forward", "4", "SIGINT", "--", *args]
+    interrupted = subprocess.run(injected, cwd=REPO, capture_output=True, text=True, timeout=300,
+                                 env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert interrupted.returncode == 130, interrupted.stderr
+    assert "SIGINT while training step 4; saved step 3 of 6" in interrupted.stderr and "--resume" in interrupted.stderr
+    assert "Traceback" not in interrupted.stderr
+    assert read_delta(out / "sara_delta_step000003.safetensors").metadata["steps"] == "3"
 
     refused = sara_train_cli(*args)
     assert refused.returncode == 2 and "pass --resume" in refused.stderr

@@ -78,7 +78,7 @@ def test_sara_adamw_one_line_form(tiny_net: TinyNet, batch) -> None:
     assert optimizer.last_rank_loss > 0
 
     handle = sara_train.inject(twin, sara_train.SaRAConfig(budget=0.2))
-    manual = torch.optim.AdamW(handle.parameters(), lr=0.05)
+    manual = torch.optim.AdamW(handle.parameters(), lr=0.05, weight_decay=0.0)  # SaRAAdamW decays ΔP only, by default not at all
     for step in range(1, 6):
         manual.zero_grad()
         (nn.functional.mse_loss(twin(x), y) + 0.01 * handle.rank_loss()).backward()

@@ -63,7 +63,10 @@ def test_targets_patterns_bias_and_norm(tiny_net: nn.Module) -> None:
     ({"threshold": 1e-3, "budget": 0.1}, "either threshold or budget"),
     ({"budget": 1.5}, "fractional budget"),
     ({"budget": 0}, "count budget"),
-    ({"threshold": -1.0}, "threshold must be > 0"),
+    ({"threshold": -1.0}, "threshold must be a finite number > 0"),
+    ({"threshold": float("nan")}, "threshold must be a finite number > 0"),
+    ({"budget": float("nan")}, "fractional budget"),
+    ({"include": ["attn("]}, "include pattern 'attn\\(' is not a valid regex"),
 ])
 def test_config_errors(kwargs: dict, message: str) -> None:
     with pytest.raises(sara_train.SaRAError, match=message):

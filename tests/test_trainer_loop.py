@@ -68,7 +68,7 @@ def test_run_writes_delta_logs_and_samples(tmp_path: Path) -> None:
     torch.manual_seed(0)
     fresh = tiny_unet("sd15")
     delta.to(torch.float32).apply_to(fresh)
-    unet.sara_handle.remove(merge=True)
+    result.handle.remove(merge=True)
     for name, weight in fresh.state_dict().items():
         torch.testing.assert_close(weight, unet.state_dict()[name], rtol=0, atol=2e-3)
 

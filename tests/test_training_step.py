@@ -167,3 +167,39 @@ def test_autocast_trains_fp32_masters(batch) -> None:
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in values.values())
     assert model.conv.weight.dtype == torch.float32
     assert not torch.equal(model.proj.parametrizations.weight.original, start["proj.weight"])
+
+
+def shifted_optimizer(model: nn.Module, **kwargs) -> tuple[sara_train.SaRAAdamW, dict[str, torch.Tensor]]:
+    """A SaRAAdamW whose values sit at base + δ (δ = 0.01, 0.02, ...), with zero gradients set;
+    returns it and the δ per layer."""
+    optimizer = sara_train.SaRAAdamW(model, lr=0.5, budget=0.3, **kwargs)
+    shifts = {}
+    with torch.no_grad():
+        for name, update in optimizer.handle.layers.items():
+            shifts[name] = 0.01 * torch.arange(1, update.values.numel() + 1, dtype=torch.float32)
+            update.values.add_(shifts[name])
+            update.values.grad = torch.zeros_like(update.values)
+    return optimizer, shifts
+
+
+def test_a_step_without_task_gradient_leaves_every_weight_unchanged(tiny_net: TinyNet, batch) -> None:
+    """The default decay is 0 (torch's AdamW would shrink the selected weights by lr * 0.01)."""
+    optimizer, _ = shifted_optimizer(tiny_net)
+    tiny_net(batch[0])  # writes the shifted values into the weights
+    before = {k: v.clone() for k, v in tiny_net.state_dict().items()}
+    values_before = [p.detach().clone() for p in optimizer.handle.parameters()]
+    optimizer.step()
+    tiny_net(batch[0])
+    assert all(torch.equal(p, q) for p, q in zip(optimizer.handle.parameters(), values_before))
+    assert all(torch.equal(v, before[k]) for k, v in tiny_net.state_dict().items())
+
+
+def test_weight_decay_shrinks_the_update_toward_the_pretrained_weights(tiny_net: TinyNet) -> None:
+    """Decoupled decay of ΔP: after a zero-gradient step ΔP = δ (1 - lr * decay); the pretrained
+    values (and every unselected entry) stay."""
+    optimizer, shifts = shifted_optimizer(tiny_net, weight_decay=0.1)
+    optimizer.step()
+    delta = optimizer.handle.delta()
+    for name, shift in shifts.items():
+        torch.testing.assert_close(delta.layers[name].values, shift * (1 - 0.5 * 0.1), rtol=1e-6, atol=1e-7)
+    assert optimizer.param_groups[0]["weight_decay"] == 0.1  # the group keeps its setting between steps

@@ -18,6 +18,7 @@ import torch
 
 from ..errors import SaRAError
 from ..trainer.config import TrainConfig
+from ..trainer.interrupts import Interrupted, StopSignals
 from ..trainer.loop import TrainResult, run_training
 from ..trainer.types import PromptEmbedding, TrainingExample
 from .glyphs import CHARACTERS, HELD_OUT_FONT, glyph_prompt, render_glyphs
@@ -42,12 +43,13 @@ class DemoReport:
     distance_to_target_after: float
 
 
-def demo_config(output_dir: Path, steps: int, seed: int) -> TrainConfig:
+def demo_config(output_dir: Path, steps: int, seed: int, resume: bool = False) -> TrainConfig:
     """The fine-tune's settings (chosen to finish in a few minutes on 2 CPU cores)."""
     return TrainConfig(base=str(BASE_FOLDER), data=f"{HELD_OUT_FONT.file_name}: {FINETUNE_CHARACTERS}",
                        output_dir=str(output_dir), steps=steps, batch_size=16, learning_rate=2e-3,
                        budget=0.05, rank_weight=1e-4, rank_layers_per_step=8, progressive_fraction=0.5,
-                       seed=seed, log_every=10, key_format="diffusers", delta_dtype="fp16", device="cpu")
+                       seed=seed, log_every=10, key_format="diffusers", delta_dtype="fp16", device="cpu",
+                       resume=resume)
 
 
 def finetune_examples(model: GlyphModel, chars: str) -> list[TrainingExample]:
@@ -81,15 +83,22 @@ def clear_previous_demo(output_dir: Path) -> None:
             path.unlink()
 
 
-def run_demo(output_dir: Path, steps: int, seed: int = 0) -> tuple[TrainResult, DemoReport]:
-    """Fine-tune, then write ``before_after.png`` (and the run's files) to ``output_dir``."""
-    clear_previous_demo(output_dir)
+def run_demo(output_dir: Path, steps: int, seed: int = 0, resume: bool = False) -> tuple[TrainResult, DemoReport | None]:
+    """Fine-tune, then write ``before_after.png`` (and the run's files) to ``output_dir``.
+
+    ``resume`` continues an interrupted demo run in ``output_dir`` (else its files are cleared
+    first). If a signal stops the fine-tune, returns ``(result, None)``: the last completed step is
+    saved, nothing is drawn."""
+    if not resume:
+        clear_previous_demo(output_dir)
     model = load_glyph_model()
     before = draw_held_out(model, seed)
-    config = demo_config(output_dir, steps, seed)
+    config = demo_config(output_dir, steps, seed, resume)
     result = run_training(model.unet, model.noise_scheduler, finetune_examples(model, FINETUNE_CHARACTERS), config,
                           delta_metadata={"demo": "glyphs", "font": HELD_OUT_FONT.file_name,
                                           "characters": FINETUNE_CHARACTERS})
+    if result.interrupted:
+        return result, None
     after = draw_held_out(model, seed)
     target = render_glyphs(HELD_OUT_FONT, list(HELD_OUT_CHARACTERS))
     comparison_grid(target, before, after, steps).save(output_dir / "before_after.png")
@@ -128,12 +137,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder")
     parser.add_argument("--steps", type=int, default=150, help="fine-tuning steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted demo run in --out")
     args = parser.parse_args(argv)
     started = time.monotonic()
-    try:
-        result, report = run_demo(args.out, args.steps, args.seed)
-    except SaRAError as error:
-        print(f"demo: error: {error}", file=sys.stderr)
-        return 2
+    with StopSignals():
+        try:
+            result, report = run_demo(args.out, args.steps, args.seed, args.resume)
+        except SaRAError as error:
+            print(f"demo: error: {error}", file=sys.stderr)
+            return 2
+        except Interrupted as stop:
+            print(f"\ndemo: {stop.signal_name}: stopped outside training; every file written is complete "
+                  f"(run the demo again)", file=sys.stderr)
+            return stop.exit_status
+    if report is None:
+        saved = (f"saved step {len(result.losses)}: {result.delta_path}; continue with --resume"
+                 if result.delta_path else "nothing was saved")
+        print(f"\ndemo: {result.interruption.signal_name} while {result.stopped_while}; {saved}", file=sys.stderr)
+        return result.interruption.exit_status
     print("\n" + summary(args.out, result, report, time.monotonic() - started))
     return 0

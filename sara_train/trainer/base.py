@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.loaders.single_file_utils import SingleFileComponentError
 from safetensors import SafetensorError
 
 from ..errors import SaRAError
@@ -33,8 +34,9 @@ PROMPT_BATCH = 64
 """Prompts encoded per text-encoder call."""
 FINGERPRINT_SAMPLES = 64
 """Entries per tensor, evenly spaced, that go into ``BaseModel.fingerprint``."""
-LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError)
-"""What diffusers/transformers raise for missing, corrupt or mismatched component files."""
+LOAD_ERRORS = (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError, SingleFileComponentError)
+"""What diffusers/transformers raise for missing, corrupt or mismatched component files (a single
+file without, e.g., its text encoder raises ``SingleFileComponentError``)."""
 
 
 @dataclass

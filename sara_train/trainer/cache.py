@@ -40,7 +40,7 @@ from ..files import atomic_output, read_safetensors_header
 from .data import CropMode, DatasetItem, LoadedImage, check_image_options, load_image_variants, validate_images
 from .types import PromptEmbedding, TrainingExample
 
-CACHE_FORMAT = "sara-train-cache-1"
+CACHE_FORMAT = "sara-train-cache-2"
 ImageEncoder = Callable[[torch.Tensor], torch.Tensor]
 PromptEncoder = Callable[[list[str]], list[PromptEmbedding]]
 
@@ -69,16 +69,27 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def data_fingerprint(items: Sequence[DatasetItem], image_hashes: Sequence[str]) -> str:
+    """16 hex digits identifying a training set: every image's bytes (``file_sha256``) and caption,
+    in order. File names and folder spellings do not enter it."""
+    digest = hashlib.sha256()
+    for item, image_hash in zip(items, image_hashes, strict=True):
+        digest.update(json.dumps([image_hash, item.caption]).encode())
+    return digest.hexdigest()[:16]
+
+
 def build_examples(items: Sequence[DatasetItem], *, resolution: int, crop: CropMode, flip: bool,
                    random_crop_variants: int, encode_images: ImageEncoder, encode_prompts: PromptEncoder,
                    model_fingerprint: str, cache_dir: Path | None, batch_size: int = 4, seed: int = 0,
-                   with_time_ids: bool = False, progress: bool = True) -> list[TrainingExample]:
+                   with_time_ids: bool = False, progress: bool = True,
+                   image_hashes: Sequence[str] | None = None) -> list[TrainingExample]:
     """Encode (or read from ``cache_dir``) every view of every image; see the module docstring.
 
     ``encode_images`` gets float32 CPU pixels [B, 3, R, R] in [-1, 1] (B <= ``batch_size``) and
     returns latents [B, C, h, w] as the UNet takes them (VAE scaling already applied).
     ``encode_prompts`` gets up to ``batch_size`` captions and returns one ``PromptEmbedding`` each.
     Results are moved to the CPU. ``cache_dir=None`` keeps everything in memory only.
+    ``image_hashes`` (``file_sha256`` of each item's image) saves hashing the files again.
 
     Returns the examples in item order, views in the order above; ``time_ids`` is set only with
     ``with_time_ids`` (SDXL). Before encoding anything, every image that is not cached is decoded
@@ -94,7 +105,8 @@ def build_examples(items: Sequence[DatasetItem], *, resolution: int, crop: CropM
         raise SaRAError("no training images were given")
     crop_count = random_crop_variants if crop == "random" else 1
     view_count = crop_count * (2 if flip else 1)
-    image_hashes = [file_sha256(item.image_path) for item in items]
+    if image_hashes is None:
+        image_hashes = [file_sha256(item.image_path) for item in items]
     view_options = {"resolution": resolution, "crop": crop, "flip": flip}
     if crop == "random":
         view_options |= {"crops": crop_count, "seed": seed}

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ..errors import SaRAError
 
@@ -54,8 +58,8 @@ class TrainConfig:
     learning_rate: float = option(1e-4, "Peak AdamW learning rate.", "optimisation")
     lr_schedule: str = option("constant", "After warm-up: constant, linear (to 0) or cosine (to 0).", "optimisation")
     warmup_steps: int = option(0, "Linear warm-up from 0 over this many steps.", "optimisation")
-    weight_decay: float = option(0.0, "AdamW weight decay on the trained values.", "optimisation")
-    seed: int = option(0, "Seed for data order, noise and timesteps.", "optimisation")
+    weight_decay: float = option(0.0, "Decoupled decay of the learned update toward the pretrained weights (not of the weights toward zero).", "optimisation")
+    seed: int = option(0, "Seed for data order, noise and timesteps (0 to 2**63 - 1).", "optimisation")
     mixed_precision: str = option("no", "no, fp16 (GPU) or bf16: base weights and activations in this dtype, fp32 master values.", "optimisation")
     device: str = option("auto", "cuda, cuda:N, cpu, or auto (the GPU if there is one; each process's own under accelerate launch).", "optimisation")
     gradient_checkpointing: bool = option(False, "Recompute activations in backward (less memory, ~30% slower).", "optimisation")
@@ -80,7 +84,8 @@ class TrainConfig:
     resume: bool = option(False, "Continue the run in --output-dir from its last saved state.", "outputs")
 
     def validate(self) -> None:
-        """Raise ``SaRAError`` naming the first bad option."""
+        """Raise ``SaRAError`` naming the first bad option. Everything that can be checked without
+        loading the model or reading the data is checked here, before any work starts."""
         if not self.base:
             raise SaRAError("no base model: pass --base (a diffusers folder or a .safetensors checkpoint)")
         if not self.data:
@@ -88,9 +93,14 @@ class TrainConfig:
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
                 raise SaRAError(f"--{flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
-        for name in ("steps", "batch_size", "grad_accumulation", "resolution", "random_crop_variants", "log_every", "sample_steps"):
+        for name in ("steps", "batch_size", "grad_accumulation", "resolution", "random_crop_variants", "log_every",
+                     "sample_steps"):
             if getattr(self, name) < 1:
                 raise SaRAError(f"--{flag(name)} must be >= 1, got {getattr(self, name)}")
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SaRAError(f"--{flag(spec.name)} must be a finite number, got {value}")
         for name in ("warmup_steps", "save_every", "sample_every", "weight_decay", "rank_weight"):
             if getattr(self, name) < 0:
                 raise SaRAError(f"--{flag(name)} must be >= 0, got {getattr(self, name)}")
@@ -102,6 +112,26 @@ class TrainConfig:
             raise SaRAError(f"--progressive-fraction must be in [0, 1), got {self.progressive_fraction}")
         if self.budget is not None and self.threshold is not None:
             raise SaRAError("give --budget or --threshold, not both")
+        if self.budget is not None and not 0 < self.budget <= 1:
+            raise SaRAError(f"--budget must be a fraction in (0, 1], got {self.budget}")
+        if self.threshold is not None and not self.threshold > 0:
+            raise SaRAError(f"--threshold must be > 0, got {self.threshold}")
+        if self.rank_layers_per_step is not None and self.rank_layers_per_step < 1:
+            raise SaRAError(f"--rank-layers-per-step must be >= 1 (leave it out for all layers), "
+                            f"got {self.rank_layers_per_step}")
+        for name in ("seed", "sample_seed"):
+            if not 0 <= getattr(self, name) < 2**63:
+                raise SaRAError(f"--{flag(name)} must be in [0, 2**63), got {getattr(self, name)}")
+        if self.caption_extension.strip(".") == "" or "/" in self.caption_extension:
+            raise SaRAError(f"--caption-extension must be a file extension such as .txt, got "
+                            f"{self.caption_extension!r}")
+        for name in ("include", "exclude"):
+            for pattern in getattr(self, name):
+                try:
+                    re.compile(pattern)
+                except re.error as error:
+                    raise SaRAError(f"--{name} {pattern!r} is not a valid regular expression ({error})") from None
+        parse_device(self.device)
 
     @property
     def progressive_at(self) -> int | None:
@@ -111,6 +141,22 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def parse_device(name: str) -> torch.device | None:
+    """``torch.device`` for ``--device`` (None for ``auto``). ``SaRAError`` for a name torch does not
+    know, or a CUDA device when CUDA is not available."""
+    if name == "auto":
+        return None
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as error:
+        raise SaRAError(f"--device {name!r} is not a device (use auto, cpu, cuda or cuda:N): {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SaRAError(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SaRAError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def flag(name: str) -> str:
@@ -151,14 +197,23 @@ def config_from_arguments(args: argparse.Namespace) -> TrainConfig:
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    """The options in TOML file ``path`` (top-level keys, or a ``[train]`` table), checked by name and type."""
+    """The options in TOML file ``path``: top-level keys and/or a ``[train]`` table (an option given
+    in both places is refused), checked by name and type."""
     try:
-        document = tomllib.loads(Path(path).read_text())
+        document = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SaRAError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise SaRAError(f"config file {path} cannot be read as UTF-8 text: {error}") from None
     except tomllib.TOMLDecodeError as error:
         raise SaRAError(f"config file {path} is not valid TOML: {error}") from None
-    document = document.get("train", document)
+    table = document.pop("train", {})
+    if not isinstance(table, dict):
+        raise SaRAError(f"config file {path}: 'train' must be a table ([train]), got {table!r}")
+    twice = sorted(set(table) & set(document))
+    if twice:
+        raise SaRAError(f"config file {path}: {', '.join(twice)} given both at the top level and in [train]")
+    document.update(table)
     types = {spec.name: spec.type for spec in dataclasses.fields(TrainConfig)}
     values = {}
     for key, value in document.items():

@@ -17,7 +17,8 @@ An empty caption (an empty ``.txt`` or ``"text": ""``) is allowed: it trains on 
 
 Images become training pixels (``load_image``) the way the diffusers training scripts do it: EXIF
 orientation applied, transparency composited on white, resized so the short side equals the
-resolution, cropped to a square (center or random), optionally mirrored left-right.
+resolution, cropped to a square (center or random), optionally mirrored left-right. The resize
+and the crop are one resampling of the square's region only (``ResizePlan``).
 """
 from __future__ import annotations
 
@@ -136,7 +137,11 @@ def _no_images_message(folder: Path) -> str:
 def _read_metadata(folder: Path, metadata: Path) -> list[DatasetItem]:
     items: list[DatasetItem] = []
     seen: set[Path] = set()
-    for line_number, line in enumerate(metadata.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    try:
+        lines = metadata.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        raise SaRAError(f"{metadata} is not UTF-8 text ({exc})") from None
+    for line_number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"{metadata} line {line_number}"
@@ -210,16 +215,32 @@ def check_image_options(resolution: int, crop: str) -> None:
         raise SaRAError(f"crop must be one of {', '.join(CROP_MODES)}, got {crop!r}")
 
 
-def _resize_short_side(image: Image.Image, resolution: int) -> Image.Image:
-    width, height = image.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    return image.resize(size, Image.Resampling.LANCZOS) if size != image.size else image
+@dataclass(frozen=True)
+class ResizePlan:
+    """How an image of ``original`` (width, height) becomes square views: conceptually it is resized
+    to ``resized`` (short side = resolution) and a square is cut from that. ``cut`` resamples only
+    the square's own region of the original, so the work is bounded by the output size, not by
+    the resized image (a 1 x 200,000 pixel image would otherwise be upscaled to 64 x 12.8M)."""
+
+    original: tuple[int, int]
+    resized: tuple[int, int]
+
+    @classmethod
+    def for_image(cls, image: Image.Image, resolution: int) -> ResizePlan:
+        width, height = image.size
+        scale = resolution / min(width, height)
+        return cls((width, height), (max(resolution, round(width * scale)), max(resolution, round(height * scale))))
+
+    def source_box(self, top: int, left: int, resolution: int) -> tuple[float, float, float, float]:
+        """The region of the original image that becomes the square at ``(top, left)`` of the resized one."""
+        scale_x = self.resized[0] / self.original[0]
+        scale_y = self.resized[1] / self.original[1]
+        return (left / scale_x, top / scale_y, (left + resolution) / scale_x, (top + resolution) / scale_y)
 
 
-def _crop_position(image: Image.Image, resolution: int, crop: CropMode,
+def _crop_position(plan: ResizePlan, resolution: int, crop: CropMode,
                    generator: torch.Generator | None) -> tuple[int, int]:
-    width, height = image.size
+    width, height = plan.resized
     if crop == "center":
         return (height - resolution) // 2, (width - resolution) // 2
     top = int(torch.randint(0, height - resolution + 1, (1,), generator=generator))
@@ -227,15 +248,18 @@ def _crop_position(image: Image.Image, resolution: int, crop: CropMode,
     return top, left
 
 
-def _cut(resized: Image.Image, original_size: tuple[int, int], resolution: int,
-         top_left: tuple[int, int], flip: bool) -> LoadedImage:
+def _cut(image: Image.Image, plan: ResizePlan, resolution: int, top_left: tuple[int, int], flip: bool) -> LoadedImage:
     top, left = top_left
-    square = resized.crop((left, top, left + resolution, top + resolution))
+    if plan.resized == plan.original:
+        square = image.crop((left, top, left + resolution, top + resolution))
+    else:
+        square = image.resize((resolution, resolution), Image.Resampling.LANCZOS,
+                              box=plan.source_box(top, left, resolution))
     pixels = torch.from_numpy(np.asarray(square, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
     if flip:
         pixels = pixels.flip(-1)
-        left = resized.width - left - resolution
-    return LoadedImage(pixels.contiguous(), original_size, (top, left))
+        left = plan.resized[0] - left - resolution
+    return LoadedImage(pixels.contiguous(), (image.height, image.width), (top, left))
 
 
 def load_image(path: str | Path, resolution: int, crop: CropMode = "center", flip: bool = False,
@@ -248,9 +272,8 @@ def load_image(path: str | Path, resolution: int, crop: CropMode = "center", fli
     """
     check_image_options(resolution, crop)
     image = read_rgb(Path(path))
-    resized = _resize_short_side(image, resolution)
-    top_left = _crop_position(resized, resolution, crop, generator)
-    return _cut(resized, (image.height, image.width), resolution, top_left, flip)
+    plan = ResizePlan.for_image(image, resolution)
+    return _cut(image, plan, resolution, _crop_position(plan, resolution, crop, generator), flip)
 
 
 def load_image_variants(path: str | Path, resolution: int, crop: CropMode, crop_count: int, with_mirror: bool,
@@ -265,12 +288,11 @@ def load_image_variants(path: str | Path, resolution: int, crop: CropMode, crop_
     if crop_count < 1:
         raise SaRAError(f"the number of crops per image must be at least 1, got {crop_count}")
     image = read_rgb(Path(path))
-    original_size = (image.height, image.width)
-    resized = _resize_short_side(image, resolution)
+    plan = ResizePlan.for_image(image, resolution)
     views = []
     for _ in range(crop_count):
-        top_left = _crop_position(resized, resolution, crop, generator)
-        views.append(_cut(resized, original_size, resolution, top_left, flip=False))
+        top_left = _crop_position(plan, resolution, crop, generator)
+        views.append(_cut(image, plan, resolution, top_left, flip=False))
         if with_mirror:
-            views.append(_cut(resized, original_size, resolution, top_left, flip=True))
+            views.append(_cut(image, plan, resolution, top_left, flip=True))
     return views

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from PIL import Image
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -31,10 +31,12 @@ from tqdm.auto import tqdm
 from ..config import SaRAConfig
 from ..delta import SparseDelta
 from ..errors import SaRAError
-from ..files import atomic_output
+from ..files import atomic_output, check_writable_folder, read_safetensors_header
+from ..model import SaRAHandle
 from ..optim import SaRAAdamW
 from ..train_state import load_training_state, training_state_tensors
 from .config import TrainConfig
+from .interrupts import Interrupted, StopSignals
 from .logs import LossRow, plot_loss, read_loss_log, write_loss_log
 from .types import TrainingExample
 
@@ -47,12 +49,30 @@ RESUME_INDEPENDENT = {"output_dir", "resume", "save_every", "log_every", "sample
 
 @dataclass
 class TrainResult:
-    """What a run produced. ``delta_path`` is the final (or last, if interrupted) delta file."""
+    """What a run produced.
 
-    delta_path: Path
+    ``delta_path``: the final delta, or when the run stopped early the last one saved (None if it
+    stopped before saving anything). ``handle``: the ``SaRAHandle`` of the trained model (still
+    injected: the model holds the learned values; ``handle.remove()`` turns it back into plain
+    modules). ``interruption``: the signal that stopped the run, if any. ``stopped_early``: why
+    training ended before ``config.steps`` without a signal. ``stopped_while``: what the run was
+    doing when a signal arrived.
+    """
+
+    delta_path: Path | None
     losses: list[LossRow]
-    num_trainable: int
-    interrupted: bool
+    handle: SaRAHandle | None
+    interruption: Interrupted | None = None
+    stopped_early: str | None = None
+    stopped_while: str | None = None
+
+    @property
+    def interrupted(self) -> bool:
+        return self.interruption is not None
+
+    @property
+    def num_trainable(self) -> int:
+        return self.handle.num_trainable if self.handle is not None else 0
 
 
 @dataclass(frozen=True)
@@ -145,120 +165,194 @@ class Distributed:
             dist.barrier()
 
 
+def check_run_folder(folder: RunFolder, resume: bool) -> None:
+    """Before any work: the folder can be written, and holds a run exactly when resuming."""
+    check_writable_folder(folder.root, "--output-dir")
+    if not resume and folder.state.exists():
+        raise SaRAError(f"{folder.root} already holds a run (state in {folder.state}); pass --resume to continue "
+                        f"it or choose another --output-dir")
+    if resume and not folder.state.exists():
+        raise SaRAError(f"--resume: no saved state in {folder.root} (expected {folder.state}); a run saves it at "
+                        f"--save-every steps, on Ctrl-C and at the end")
+
+
 def run_training(unet: nn.Module, noise_scheduler, examples: Sequence[TrainingExample], config: TrainConfig,
                  render_samples: Callable[[int], list[Image.Image]] | None = None,
                  delta_metadata: dict[str, str] | None = None,
-                 convert_delta: Callable[[SparseDelta], SparseDelta] | None = None) -> TrainResult:
+                 convert_delta: Callable[[SparseDelta], SparseDelta] | None = None,
+                 data_fingerprint: str | None = None) -> TrainResult:
     """Fine-tune ``unet`` in place with SaRA on ``examples``; write the run's files; return the result.
 
     ``unet``: a diffusers ``UNet2DConditionModel`` (or any module with its call signature), on the
     device to train on, fp32. ``noise_scheduler``: a ``DDPMScheduler`` (its ``num_train_timesteps``
     and ``prediction_type`` are used). ``render_samples(step)`` makes validation images with the
     UNet as it is (rank 0 only). ``convert_delta`` renames delta keys before saving (e.g. to LDM
-    names). On return (or Ctrl-C, which saves and returns ``interrupted=True``) the UNet still
-    holds SaRA's parametrization with the learned values; the caller may ``remove()`` it via the
-    handle in ``unet.sara_handle``.
+    names). ``data_fingerprint`` identifies the training data; it is saved with the state and a
+    resume with other data is refused.
+
+    SIGINT/SIGTERM (see ``interrupts``) end the run at once: a step in progress is dropped and the
+    last completed step is saved (delta, resume state, logs), unless nothing new was learned; a
+    save in progress always completes. Training also ends early, saving normally, when the
+    progressive step leaves no entry trainable. On return the UNet still holds SaRA's
+    parametrization with the learned values (``result.handle``).
     """
     config.validate()
     if not examples:
         raise SaRAError("no training examples")
-    distributed = Distributed()
     folder = RunFolder(Path(config.output_dir))
+    check_run_folder(folder, config.resume)
     device = next(unet.parameters()).device
     compute_dtype = DTYPES[config.mixed_precision]
     if config.mixed_precision == "fp16" and device.type != "cuda":
         raise SaRAError("--mixed-precision fp16 needs a CUDA GPU (use bf16 or no on CPU)")
-    if next(unet.parameters()).dtype != compute_dtype:
-        unet.to(compute_dtype)
-    unet.train()
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    if not config.resume and folder.state.exists():
-        raise SaRAError(f"{folder.root} already holds a run (state in {folder.state}); pass --resume to continue "
-                        f"it or choose another --output-dir")
-    selection = SaRAConfig(threshold=config.threshold, budget=config.budget, include=list(config.include),
-                           exclude=list(config.exclude))
-    optimizer = SaRAAdamW(unet, lr=config.learning_rate, config=selection, rank_weight=config.rank_weight,
-                          rank_layers_per_step=config.rank_layers_per_step, progressive_at=config.progressive_at,
-                          weight_decay=config.weight_decay)
-    unet.sara_handle = optimizer.handle
-    scaler = torch.amp.GradScaler("cuda") if config.mixed_precision == "fp16" else None
-    noise_generator = torch.Generator().manual_seed(config.seed)
-    start_step, losses = 0, []
-    if config.resume:
-        start_step, losses = resume_from(folder, config, optimizer, noise_generator, scaler, distributed)
-    metadata = {"trainer": "sara-train", "config": json.dumps(config.to_dict()), **(delta_metadata or {})}
+    with StopSignals() as signals:
+        try:
+            if next(unet.parameters()).dtype != compute_dtype:
+                unet.to(compute_dtype)
+            unet.train()
+            if config.gradient_checkpointing:
+                unet.enable_gradient_checkpointing()
+            selection = SaRAConfig(threshold=config.threshold, budget=config.budget, include=list(config.include),
+                                   exclude=list(config.exclude))
+            optimizer = SaRAAdamW(unet, lr=config.learning_rate, config=selection, rank_weight=config.rank_weight,
+                                  rank_layers_per_step=config.rank_layers_per_step,
+                                  progressive_at=config.progressive_at, weight_decay=config.weight_decay)
+            run = TrainingRun(unet, noise_scheduler, examples, config, folder, optimizer, signals,
+                              {"trainer": "sara-train", "config": json.dumps(config.to_dict()), **(delta_metadata or {})},
+                              convert_delta, data_fingerprint)
+            if config.resume:
+                run.resume()
+        except KeyboardInterrupt as stop:
+            return TrainResult(None, [], None, interruption=Interrupted.of(stop), stopped_while="preparing the model")
+        return run.train(render_samples, compute_dtype, device)
 
-    def save(step: int, final: bool) -> Path:
-        delta = optimizer.handle.delta(metadata={**metadata, "steps": str(step)})
-        if convert_delta is not None:
-            delta = convert_delta(delta)
-        path = delta.save(folder.delta if final else folder.delta_at(step), dtype=DTYPES[config.delta_dtype])
-        save_state(folder, step, config, optimizer, noise_generator, scaler, distributed)
-        write_logs(folder, losses)
+
+class TrainingRun:
+    """The state of one ``run_training`` call: model, optimizer, noise generator, losses, and the
+    run folder's saves. ``train`` is the loop."""
+
+    def __init__(self, unet: nn.Module, noise_scheduler, examples: Sequence[TrainingExample], config: TrainConfig,
+                 folder: RunFolder, optimizer: SaRAAdamW, signals: StopSignals, metadata: dict[str, str],
+                 convert_delta: Callable[[SparseDelta], SparseDelta] | None, data_fingerprint: str | None) -> None:
+        self.unet, self.noise_scheduler, self.examples, self.config = unet, noise_scheduler, examples, config
+        self.folder, self.optimizer, self.signals, self.metadata = folder, optimizer, signals, metadata
+        self.convert_delta, self.data_fingerprint = convert_delta, data_fingerprint
+        self.distributed = Distributed()
+        self.scaler = torch.amp.GradScaler("cuda") if config.mixed_precision == "fp16" else None
+        self.noise_generator = torch.Generator().manual_seed(config.seed)
+        self.losses: list[LossRow] = []
+        self.start_step = 0
+        self.saved_step: int | None = None
+        """The step whose delta and state are on disk (None: nothing saved by this process yet)."""
+        self.saved_path: Path | None = None
+
+    @property
+    def handle(self) -> SaRAHandle:
+        return self.optimizer.handle
+
+    def resume(self) -> None:
+        self.start_step, self.losses = resume_from(self.folder, self.config, self.optimizer, self.noise_generator,
+                                                   self.scaler, self.distributed, self.data_fingerprint)
+        self.saved_step = self.start_step
+        saved = [self.folder.delta_at(self.start_step), self.folder.delta]
+        self.saved_path = next((path for path in saved if path.exists()), None)
+
+    def save(self, step: int, final: bool) -> Path:
+        """Delta, resume state and logs of ``step``, as one shielded block (a signal waits for it)."""
+        with self.signals.shielded():
+            delta = self.handle.delta(metadata={**self.metadata, "steps": str(step)})
+            if self.convert_delta is not None:
+                delta = self.convert_delta(delta)
+            path = delta.save(self.folder.delta if final else self.folder.delta_at(step),
+                              dtype=DTYPES[self.config.delta_dtype])
+            save_state(self.folder, step, self.config, self.optimizer, self.noise_generator, self.scaler,
+                       self.distributed, self.data_fingerprint)
+            write_logs(self.folder, self.losses)
+        self.saved_step, self.saved_path = step, path
         return path
 
-    progress = tqdm(total=config.steps, initial=start_step, desc="SaRA", unit="step", disable=not distributed.is_main,
-                    dynamic_ncols=True)
-    started = time.monotonic() - (losses[-1].seconds if losses else 0.0)
-    global_batch = config.batch_size * distributed.world
-    completed = step = start_step
-    generator_at_step_start = noise_generator.get_state()
-    try:
-        for step in range(start_step, config.steps):
-            generator_at_step_start = noise_generator.get_state()
-            torch.manual_seed(config.seed * 7919 + step)  # any global-RNG use (dropout) is a function of the step
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate_at(step, config)
-            loss_sum = torch.zeros((), dtype=torch.float64)
-            for micro in range(config.grad_accumulation):
-                first = (step * config.grad_accumulation + micro) * global_batch
-                indices = [example_order(first + i, len(examples), config.seed) for i in range(global_batch)]
-                loss = micro_batch_loss(unet, noise_scheduler, [examples[i] for i in indices], noise_generator,
-                                        distributed, config.batch_size, compute_dtype, device)
-                backward(loss / config.grad_accumulation, scaler)
-                loss_sum += loss.detach().double().cpu()
-            gradients = [p.grad for p in optimizer.handle.parameters() if p.grad is not None]
-            distributed.average_(gradients)
-            mean_loss = loss_sum / config.grad_accumulation
-            distributed.average_([mean_loss])
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = completed = step + 1
-            losses.append(LossRow(done, float(mean_loss), optimizer.last_rank_loss, learning_rate_at(step, config),
-                                  round(time.monotonic() - started, 3)))
-            if not math.isfinite(float(mean_loss)):
-                raise SaRAError(f"the loss became {float(mean_loss)} at step {done}: lower --learning-rate or "
-                                f"use --mixed-precision bf16/no")
-            progress.update(1)
-            progress.set_postfix(loss=f"{float(mean_loss):.4f}", lr=f"{learning_rate_at(step, config):.2e}")
+    def train(self, render_samples: Callable[[int], list[Image.Image]] | None, compute_dtype: torch.dtype,
+              device: torch.device) -> TrainResult:
+        config, distributed, optimizer = self.config, self.distributed, self.optimizer
+        progress = tqdm(total=config.steps, initial=self.start_step, desc="SaRA", unit="step",
+                        disable=not distributed.is_main, dynamic_ncols=True)
+        started = time.monotonic() - (self.losses[-1].seconds if self.losses else 0.0)
+        global_batch = config.batch_size * distributed.world
+        completed = self.start_step
+        stopped_early = None
+        generator_at_step_start = self.noise_generator.get_state()
+        doing = "training"
+        try:
+            for step in range(self.start_step, config.steps):
+                doing = f"training step {step + 1}"
+                generator_at_step_start = self.noise_generator.get_state()
+                torch.manual_seed(config.seed * 7919 + step)  # any global-RNG use (dropout) is a function of the step
+                learning_rate = learning_rate_at(step, config)
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate
+                loss_sum = torch.zeros((), dtype=torch.float64)
+                for micro in range(config.grad_accumulation):
+                    first = (step * config.grad_accumulation + micro) * global_batch
+                    indices = [example_order(first + i, len(self.examples), config.seed) for i in range(global_batch)]
+                    loss = micro_batch_loss(self.unet, self.noise_scheduler, [self.examples[i] for i in indices],
+                                            self.noise_generator, distributed, config.batch_size, compute_dtype, device)
+                    backward(loss / config.grad_accumulation, self.scaler)
+                    loss_sum += loss.detach().double().cpu()
+                gradients = [p.grad for p in self.handle.parameters() if p.grad is not None]
+                distributed.average_(gradients)
+                mean_loss = loss_sum / config.grad_accumulation
+                distributed.average_([mean_loss])
+                if not math.isfinite(float(mean_loss)):
+                    raise SaRAError(f"the loss became {float(mean_loss)} at step {step + 1}: lower --learning-rate "
+                                    f"or use --mixed-precision bf16/no")
+                with self.signals.shielded():  # the update and its bookkeeping happen together or not at all
+                    if self.scaler is not None:
+                        self.scaler.unscale_(optimizer)
+                        self.scaler.step(optimizer)
+                        self.scaler.update()
+                    else:
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    completed = step + 1
+                    self.losses.append(LossRow(completed, float(mean_loss), optimizer.last_rank_loss, learning_rate,
+                                               round(time.monotonic() - started, 3)))
+                progress.update(1)
+                progress.set_postfix(loss=f"{float(mean_loss):.4f}", lr=f"{learning_rate:.2e}")
+                if self.handle.num_trainable == 0:
+                    stopped_early = (f"the progressive step after step {completed} left no entry trainable (every "
+                                     f"learned |value| reached the threshold {self.handle.threshold:.3g}); the delta "
+                                     f"holds what was learned up to then")
+                    break
+                if distributed.is_main:
+                    doing = f"saving step {completed}"
+                    if completed % config.log_every == 0:
+                        with self.signals.shielded():
+                            write_logs(self.folder, self.losses)
+                    if config.save_every and completed % config.save_every == 0 and completed < config.steps:
+                        self.save(completed, final=False)
+                    doing = f"rendering the samples of step {completed}"
+                    if render_samples and config.sample_every and completed % config.sample_every == 0 \
+                            and completed < config.steps:
+                        save_samples(self.folder.samples_at(completed), self.unet, render_samples, completed)
+            progress.close()
+            path = self.folder.delta
             if distributed.is_main:
-                if done % config.log_every == 0:
-                    write_logs(folder, losses)
-                if config.save_every and done % config.save_every == 0 and done < config.steps:
-                    save(done, final=False)
-                if render_samples and config.sample_every and done % config.sample_every == 0 and done < config.steps:
-                    save_samples(folder.samples_at(done), unet, render_samples, done)
-    except KeyboardInterrupt:
-        progress.close()
-        if completed == step:  # interrupted inside a step: drop it, and its random draws
-            noise_generator.set_state(generator_at_step_start)
-            optimizer.zero_grad(set_to_none=True)
-        path = save(completed, final=False) if distributed.is_main else folder.delta_at(completed)
-        return TrainResult(path, losses, optimizer.handle.num_trainable, interrupted=True)
-    progress.close()
-    path = folder.delta
-    if distributed.is_main:
-        path = save(config.steps, final=True)
-        if render_samples:
-            save_samples(folder.samples_at(config.steps), unet, render_samples, config.steps)
-    distributed.barrier()
-    return TrainResult(path, losses, optimizer.handle.num_trainable, interrupted=False)
+                doing = "saving the final delta"
+                path = self.save(completed, final=True)
+                doing = "rendering the final samples"
+                if render_samples:
+                    save_samples(self.folder.samples_at(completed), self.unet, render_samples, completed)
+            distributed.barrier()
+            return TrainResult(path, self.losses, self.handle, stopped_early=stopped_early)
+        except KeyboardInterrupt as stop:  # Interrupted, or a plain KeyboardInterrupt (e.g. raised by a notebook)
+            progress.close()
+            if doing == f"training step {completed + 1}":  # the step did not finish: drop its draws and gradients
+                self.noise_generator.set_state(generator_at_step_start)
+                optimizer.zero_grad(set_to_none=True)
+            if distributed.is_main and completed > (self.saved_step or 0):
+                self.save(completed, final=False)
+            return TrainResult(self.saved_path, self.losses, self.handle, interruption=Interrupted.of(stop),
+                               stopped_while=doing)
 
 
 def micro_batch_loss(unet: nn.Module, noise_scheduler, batch: Sequence[TrainingExample],
@@ -309,42 +403,73 @@ def save_samples(path: Path, unet: nn.Module, render_samples: Callable[[int], li
     for image in images:
         grid.paste(image.convert("RGB"), (x, 0))
         x += image.width
-    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as temp:
         grid.save(temp, format="PNG")
 
 
+PATH_OPTIONS = ("base", "data", "base_config", "output_dir", "cache_dir")
+"""Options naming files or folders: compared by where they point, not how they are spelled."""
+
+
+def comparable_options(options: dict) -> dict:
+    """``options`` (``TrainConfig.to_dict()``) with path options resolved to absolute paths."""
+    return {name: str(Path(value).expanduser().resolve()) if name in PATH_OPTIONS and value else value
+            for name, value in options.items()}
+
+
 def save_state(folder: RunFolder, step: int, config: TrainConfig, optimizer: SaRAAdamW,
                noise_generator: torch.Generator, scaler: torch.amp.GradScaler | None,
-               distributed: Distributed) -> None:
+               distributed: Distributed, data_fingerprint: str | None) -> None:
     """Write everything needed to continue after ``step`` to ``folder.state`` (atomically)."""
     tensors = training_state_tensors(optimizer)
     tensors["::noise_generator"] = noise_generator.get_state()
-    metadata = {"step": str(step), "config": json.dumps(config.to_dict()), "world_size": str(distributed.world)}
+    metadata = {"step": str(step), "config": json.dumps(comparable_options(config.to_dict())),
+                "world_size": str(distributed.world)}
+    if data_fingerprint is not None:
+        metadata["data_fingerprint"] = data_fingerprint
     if scaler is not None:
         metadata["grad_scaler"] = json.dumps({k: float(v) if torch.is_tensor(v) else v
                                               for k, v in scaler.state_dict().items()})
-    folder.state.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(folder.state) as temp:
         save_file(tensors, str(temp), metadata=metadata)
 
 
+def read_state(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """``(metadata, tensors)`` of a saved state; ``SaRAError`` if the file is missing, truncated,
+    not safetensors or lacks the step, options or noise generator."""
+    header = read_safetensors_header(path)
+    try:
+        with safe_open(str(path), "pt") as file:
+            tensors = {key: file.get_tensor(key) for key in file.keys()}
+        int(header.metadata["step"]), int(header.metadata["world_size"]), json.loads(header.metadata["config"])
+        tensors["::noise_generator"]
+    except (SafetensorError, OSError, KeyError, ValueError) as error:
+        raise SaRAError(f"--resume: the saved state {path} is damaged ({type(error).__name__}: {error}); resume "
+                        f"from an earlier copy or start a new run") from None
+    return header.metadata, tensors
+
+
 def resume_from(folder: RunFolder, config: TrainConfig, optimizer: SaRAAdamW, noise_generator: torch.Generator,
-                scaler: torch.amp.GradScaler | None, distributed: Distributed) -> tuple[int, list[LossRow]]:
-    """Load ``folder.state`` into the optimizer and generator; returns ``(step, loss rows so far)``."""
-    if not folder.state.exists():
-        raise SaRAError(f"--resume: no saved state in {folder.root} (expected {folder.state}); a run saves it at "
-                        f"--save-every steps, on Ctrl-C and at the end")
-    with safe_open(str(folder.state), "pt") as file:
-        metadata = file.metadata()
-        tensors = {key: file.get_tensor(key) for key in file.keys()}
+                scaler: torch.amp.GradScaler | None, distributed: Distributed,
+                data_fingerprint: str | None) -> tuple[int, list[LossRow]]:
+    """Load ``folder.state`` into the optimizer and generator; returns ``(step, loss rows so far)``.
+
+    Refused (``SaRAError``) when the options that change the math differ, the training data
+    changed (``data_fingerprint``), the process count differs, or the files are damaged."""
+    metadata, tensors = read_state(folder.state)
     saved = json.loads(metadata["config"])
-    differing = sorted(name for name, value in config.to_dict().items()
+    current = comparable_options(config.to_dict())
+    saved = comparable_options(saved) if isinstance(saved, dict) else {}
+    differing = sorted(name for name, value in current.items()
                        if name not in RESUME_INDEPENDENT and saved.get(name) != value)
     if differing:
-        details = "; ".join(f"{name}: saved {saved.get(name)!r}, now {getattr(config, name)!r}" for name in differing)
+        details = "; ".join(f"{name}: saved {saved.get(name)!r}, now {current[name]!r}" for name in differing)
         raise SaRAError(f"--resume: options differ from the saved run in {folder.root} ({details}); resume with "
                         f"the same options")
+    saved_data = metadata.get("data_fingerprint")
+    if data_fingerprint is not None and saved_data is not None and saved_data != data_fingerprint:
+        raise SaRAError(f"--resume: the training data in {config.data} changed since the run in {folder.root} was "
+                        f"saved (images or captions differ); resume with the same data or start a new run")
     if int(metadata["world_size"]) != distributed.world:
         raise SaRAError(f"--resume: the run was saved with {metadata['world_size']} processes, now {distributed.world}")
     step = int(metadata["step"])

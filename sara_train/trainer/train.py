@@ -12,18 +12,22 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ..errors import SaRAError
 from ..ldm_keys import delta_to_ldm_keys
 from .base import BaseModel, load_base
-from .cache import build_examples
-from .config import TrainConfig
-from .data import scan_dataset
-from .loop import DTYPES, Distributed, TrainResult, run_training
+from .cache import build_examples, data_fingerprint, file_sha256
+from .config import TrainConfig, parse_device
+from .data import DatasetItem, scan_dataset
+from .interrupts import Interrupted, StopSignals
+from .loop import DTYPES, Distributed, RunFolder, TrainResult, check_run_folder, run_training
+from .types import TrainingExample
 
 
 def pick_device(config: TrainConfig) -> torch.device:
     """``config.device``, where ``auto`` is this process's GPU (LOCAL_RANK under a launcher) or the CPU."""
-    if config.device != "auto":
-        return torch.device(config.device)
+    device = parse_device(config.device)
+    if device is not None:
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
@@ -43,39 +47,69 @@ def default_cache_dir() -> Path:
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Run ``config`` (see ``TrainConfig``); returns the result after writing the run folder."""
+    """Run ``config`` (see ``TrainConfig``); returns the result after writing the run folder.
+
+    Options, the output folder and the dataset are checked before the model is loaded. SIGINT or
+    SIGTERM before training starts returns a result with ``interruption`` set and nothing saved;
+    during training ``run_training`` saves the last completed step.
+    """
     config.validate()
     device = pick_device(config)
-    distributed = start_processes(device)
-    items = scan_dataset(Path(config.data), caption_prefix=config.caption_prefix,
-                         caption_extension=config.caption_extension)
+    folder = RunFolder(Path(config.output_dir))
+    if Path(config.data).resolve() == folder.root.resolve():
+        raise SaRAError(f"--output-dir {config.output_dir} is the --data folder: the run's images (loss plot, "
+                        f"samples) would become training images; choose another folder")
+    check_run_folder(folder, config.resume)
+    doing = "starting"
+    with StopSignals():
+        try:
+            distributed = start_processes(device)
+            doing = "reading the training data"
+            items = scan_dataset(Path(config.data), caption_prefix=config.caption_prefix,
+                                 caption_extension=config.caption_extension)
+            image_hashes = [file_sha256(item.image_path) for item in items]
+            doing = "loading the base model"
+            base = load_base(config.base, config_dir=config.base_config, dtype=torch.float32, device=device)
+            doing = "encoding the training images"
+            examples = encode_examples(config, items, image_hashes, base, device, distributed)
+            doing = "preparing the model"
+            render = sample_renderer(base, config, device) if config.sample_prompts else None
+            if render is None:
+                base.vae.to("cpu")
+                for encoder in base.text_encoders:
+                    encoder.to("cpu")
+        except Interrupted as stop:
+            return TrainResult(None, [], None, interruption=stop, stopped_while=doing)
+        metadata = {"base": str(base.source), "base_kind": base.kind, "images": str(len(items)),
+                    "examples": str(len(examples)), "key_format": config.key_format}
+        return run_training(base.unet, base.noise_scheduler, examples, config, render_samples=render,
+                            delta_metadata=metadata, convert_delta=key_converter(base, config),
+                            data_fingerprint=data_fingerprint(items, image_hashes))
+
+
+def encode_examples(config: TrainConfig, items: list[DatasetItem], image_hashes: list[str], base: BaseModel,
+                    device: torch.device, distributed: Distributed) -> list[TrainingExample]:
+    """The training examples, from the cache or encoded (by the main process first, so the others
+    read its cache files)."""
     encode_dtype = DTYPES[config.mixed_precision] if device.type == "cuda" else torch.float32
-    base = load_base(config.base, config_dir=config.base_config, dtype=torch.float32, device=device)
     cache_dir = None if not config.cache else Path(config.cache_dir) if config.cache_dir else default_cache_dir()
 
-    def encode() -> list:
+    def encode() -> list[TrainingExample]:
         with torch.autocast(device.type, dtype=encode_dtype, enabled=encode_dtype != torch.float32):
             return build_examples(
                 items, resolution=config.resolution, crop=config.crop, flip=config.flip,
                 random_crop_variants=config.random_crop_variants, encode_images=base.encode_images,
                 encode_prompts=base.encode_prompts, model_fingerprint=base.fingerprint, cache_dir=cache_dir,
-                seed=config.seed, with_time_ids=base.kind == "sdxl", progress=distributed.is_main)
+                seed=config.seed, with_time_ids=base.kind == "sdxl", progress=distributed.is_main,
+                image_hashes=image_hashes)
 
     if distributed.is_main:
         examples = encode()
         distributed.barrier()
     else:
-        distributed.barrier()  # the main process fills the cache first; the others read it
+        distributed.barrier()
         examples = encode()
-    render = sample_renderer(base, config, device) if config.sample_prompts else None
-    if render is None:
-        base.vae.to("cpu")
-        for encoder in base.text_encoders:
-            encoder.to("cpu")
-    metadata = {"base": str(base.source), "base_kind": base.kind, "images": str(len(items)),
-                "examples": str(len(examples)), "key_format": config.key_format}
-    return run_training(base.unet, base.noise_scheduler, examples, config, render_samples=render,
-                        delta_metadata=metadata, convert_delta=key_converter(base, config))
+    return examples
 
 
 def key_converter(base: BaseModel, config: TrainConfig):
