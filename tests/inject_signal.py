@@ -4,8 +4,10 @@
 
 wraps ``MODULE.ATTRIBUTE`` (a dotted attribute path, e.g. ``diffusers.UNet2DConditionModel.forward``)
 so that its CALL-th call first raises SIGNAL (``SIGINT`` or ``SIGTERM``) in the process, then runs
-``sara_train.cli.main(ARGS)`` and exits with its status.
+``sara_train.cli.main(ARGS)`` and exits with its status. Under ``torchrun``, set ``INJECT_RANK``
+to signal only the process of that rank.
 """
+import os
 import importlib
 import signal
 import sys
@@ -27,8 +29,9 @@ def install(target: str, call: int, signal_name: str) -> None:
 if __name__ == "__main__":
     split = sys.argv.index("--")
     triples = sys.argv[1:split]
-    for start in range(0, len(triples), 3):
-        install(triples[start], int(triples[start + 1]), triples[start + 2])
+    if os.environ.get("INJECT_RANK", os.environ.get("RANK", "0")) == os.environ.get("RANK", "0"):
+        for start in range(0, len(triples), 3):
+            install(triples[start], int(triples[start + 1]), triples[start + 2])
     from sara_train.cli import main
 
     sys.exit(main(sys.argv[split + 1:]))

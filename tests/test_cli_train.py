@@ -94,13 +94,23 @@ def test_merge_into_the_single_file_it_was_trained_from(tiny_base: Path, image_f
 
 
 def test_two_processes_equal_one_with_the_whole_batch(tiny_base: Path, image_folder: Path, tmp_path: Path) -> None:
-    """`torchrun --nproc-per-node 2` (what `accelerate launch` runs) with batch 1 each = one process, batch 2."""
+    """`torchrun --nproc-per-node 2` (what `accelerate launch` runs) with batch 1 each = one process, batch 2.
+    A SIGTERM that reaches only the second process in step 3 stops both after step 2 (they agree
+    once per step), the first saves it, and resuming ends bit-identical to the uninterrupted run."""
     single = sara_train_cli(*train_args(tiny_base, image_folder, tmp_path / "single", "--steps", "3",
                                         "--delta-dtype", "fp32"))
     assert single.returncode == 0, single.stderr
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
-    ddp = sara_train_cli(*train_args(tiny_base, image_folder, tmp_path / "ddp", "--steps", "3", "--batch-size", "1",
-                                     "--delta-dtype", "fp32"), launcher=launcher)
+
+    def torchrun(out: str, *extra: str, inject: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+        args = train_args(tiny_base, image_folder, tmp_path / out, "--steps", "3", "--batch-size", "1",
+                          "--delta-dtype", "fp32", *extra)
+        program = [str(REPO / "tests" / "inject_signal.py"), *inject, "--"] if inject else ["-m", "sara_train"]
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                   str(free_port()), *program, *args]
+        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(REPO), "INJECT_RANK": "1"})
+
+    ddp = torchrun("ddp")
     assert ddp.returncode == 0, ddp.stderr
     got, want = read_delta(tmp_path / "ddp" / "sara_delta.safetensors"), read_delta(tmp_path / "single" / "sara_delta.safetensors")
     assert got.layers.keys() == want.layers.keys()
@@ -109,6 +119,14 @@ def test_two_processes_equal_one_with_the_whole_batch(tiny_base: Path, image_fol
         torch.testing.assert_close(got.layers[name].values, layer.values, rtol=0, atol=1e-4)  # one Adam step is ~1e-3
     losses = [row.loss for row in read_loss_log(tmp_path / "ddp" / "loss.csv")]
     assert losses == pytest.approx([row.loss for row in read_loss_log(tmp_path / "single" / "loss.csv")], rel=1e-4)
+
+    stopped = torchrun("stopped", inject=("diffusers:UNet2DConditionModel.forward", "3", "SIGTERM"))
+    assert stopped.returncode != 0 and "SIGTERM while training step 3; saved step 2 of 3" in stopped.stderr, stopped.stderr
+    assert read_delta(tmp_path / "stopped" / "sara_delta_step000002.safetensors").metadata["steps"] == "2"
+    resumed = torchrun("stopped", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_identical(read_delta(tmp_path / "stopped" / "sara_delta.safetensors"), got)
+    assert [row.loss for row in read_loss_log(tmp_path / "stopped" / "loss.csv")] == losses
 
 
 def free_port() -> int:

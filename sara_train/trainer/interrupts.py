@@ -5,8 +5,9 @@ main thread, wherever the run is (loading, encoding, a training step, rendering 
 ``shielded()`` blocks (writing the delta, the resume state and the logs) it is held back and raised
 when the block ends, so a save always completes. Every later signal is only acknowledged: the run
 is already stopping, and raising again could cut the save that stopping performs. (``kill -9``
-remains the way to abandon a save.) The exit status for an interrupted run is ``128 + signal``:
-130 for SIGINT, 143 for SIGTERM.
+remains the way to abandon a save.) Inside ``held()`` a signal is only recorded, for code that must
+decide together with other processes when to stop (the multi-process training loop). The exit
+status for an interrupted run is ``128 + signal``: 130 for SIGINT, 143 for SIGTERM.
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ class StopSignals:
         self.received: int | None = None
         """The first signal received, if any."""
         self._shield_depth = 0
+        self._hold_depth = 0
         self._pending = False
         self._previous: dict[int, object] = {}
         self._owner = False
@@ -79,6 +81,8 @@ class StopSignals:
                   "first (kill -9 abandons it)", file=sys.stderr, flush=True)
             return
         self.received = number
+        if self._hold_depth:
+            return
         if self._shield_depth:
             self._pending = True
             return
@@ -95,6 +99,24 @@ class StopSignals:
         if not self._shield_depth and self._pending:
             self._pending = False
             raise Interrupted(self.received)
+
+
+    def stop(self, signal_number: int) -> Interrupted:
+        """Record that this process stops for ``signal_number`` (e.g. one another process received),
+        so any signal from now on is only acknowledged; returns the exception to raise."""
+        if self.received is None:
+            self.received = signal_number
+        return Interrupted(signal_number)
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Inside, a signal only sets ``received`` (nothing is raised, not even when the block ends):
+        the code inside polls it and stops when it decides to."""
+        self._hold_depth += 1
+        try:
+            yield
+        finally:
+            self._hold_depth -= 1
 
 
 @contextmanager

@@ -13,6 +13,7 @@ values are the only trainable tensors and are all-reduced by hand, which survive
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -137,12 +138,15 @@ def training_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor,
 
 class Distributed:
     """This process's place among the training processes (one process when not launched by
-    ``accelerate launch`` / ``torchrun``)."""
+    ``accelerate launch`` / ``torchrun``). Collectives run on the backend's device (the GPU for
+    NCCL) and return their results where the inputs were."""
 
     def __init__(self) -> None:
         self.active = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.active else 0
         self.world = dist.get_world_size() if self.active else 1
+        nccl = self.active and dist.get_backend() == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
     @property
     def is_main(self) -> bool:
@@ -152,13 +156,21 @@ class Distributed:
         """Average ``tensors`` over processes in place (one flat all-reduce)."""
         if not self.active or not tensors:
             return
-        flat = torch.cat([t.reshape(-1) for t in tensors])
+        flat = torch.cat([t.reshape(-1).to(self.device, torch.float64) for t in tensors])
         dist.all_reduce(flat)
         flat /= self.world
         offset = 0
         for tensor in tensors:
             tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
             offset += tensor.numel()
+
+    def largest(self, value: int) -> int:
+        """The largest ``value`` any process passes (all must call it)."""
+        if not self.active:
+            return value
+        result = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(result, op=dist.ReduceOp.MAX)
+        return int(result)
 
     def barrier(self) -> None:
         if self.active:
@@ -192,7 +204,8 @@ def run_training(unet: nn.Module, noise_scheduler, examples: Sequence[TrainingEx
 
     SIGINT/SIGTERM (see ``interrupts``) end the run at once: a step in progress is dropped and the
     last completed step is saved (delta, resume state, logs), unless nothing new was learned; a
-    save in progress always completes. Training also ends early, saving normally, when the
+    save in progress always completes. With several processes, a signal any of them receives
+    stops all of them at the end of the same step. Training also ends early, saving normally, when the
     progressive step leaves no entry trainable. On return the UNet still holds SaRA's
     parametrization with the learned values (``result.handle``).
     """
@@ -245,6 +258,9 @@ class TrainingRun:
         self.saved_step: int | None = None
         """The step whose delta and state are on disk (None: nothing saved by this process yet)."""
         self.saved_path: Path | None = None
+        self.doing = "preparing"
+        """What the run is doing, for the message when a signal stops it."""
+        self.generator_at_step_start = self.noise_generator.get_state()
 
     @property
     def handle(self) -> SaRAHandle:
@@ -271,88 +287,110 @@ class TrainingRun:
         self.saved_step, self.saved_path = step, path
         return path
 
+    @property
+    def completed(self) -> int:
+        """Steps finished so far (the loss log has one row per step)."""
+        return len(self.losses)
+
     def train(self, render_samples: Callable[[int], list[Image.Image]] | None, compute_dtype: torch.dtype,
               device: torch.device) -> TrainResult:
-        config, distributed, optimizer = self.config, self.distributed, self.optimizer
+        """Steps from ``start_step`` to ``config.steps``, periodic saves and samples, the final save."""
+        config, distributed = self.config, self.distributed
         progress = tqdm(total=config.steps, initial=self.start_step, desc="SaRA", unit="step",
                         disable=not distributed.is_main, dynamic_ncols=True)
         started = time.monotonic() - (self.losses[-1].seconds if self.losses else 0.0)
-        global_batch = config.batch_size * distributed.world
-        completed = self.start_step
         stopped_early = None
-        generator_at_step_start = self.noise_generator.get_state()
-        doing = "training"
+        self.doing = "training"
+        # Several processes stop together: a signal is only recorded, and all agree on it once per step.
+        agreement = self.signals.held() if distributed.active else contextlib.nullcontext()
         try:
-            for step in range(self.start_step, config.steps):
-                doing = f"training step {step + 1}"
-                generator_at_step_start = self.noise_generator.get_state()
-                torch.manual_seed(config.seed * 7919 + step)  # any global-RNG use (dropout) is a function of the step
-                learning_rate = learning_rate_at(step, config)
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate
-                loss_sum = torch.zeros((), dtype=torch.float64)
-                for micro in range(config.grad_accumulation):
-                    first = (step * config.grad_accumulation + micro) * global_batch
-                    indices = [example_order(first + i, len(self.examples), config.seed) for i in range(global_batch)]
-                    loss = micro_batch_loss(self.unet, self.noise_scheduler, [self.examples[i] for i in indices],
-                                            self.noise_generator, distributed, config.batch_size, compute_dtype, device)
-                    backward(loss / config.grad_accumulation, self.scaler)
-                    loss_sum += loss.detach().double().cpu()
-                gradients = [p.grad for p in self.handle.parameters() if p.grad is not None]
-                distributed.average_(gradients)
-                mean_loss = loss_sum / config.grad_accumulation
-                distributed.average_([mean_loss])
-                if not math.isfinite(float(mean_loss)):
-                    raise SaRAError(f"the loss became {float(mean_loss)} at step {step + 1}: lower --learning-rate "
-                                    f"or use --mixed-precision bf16/no")
-                with self.signals.shielded():  # the update and its bookkeeping happen together or not at all
-                    if self.scaler is not None:
-                        self.scaler.unscale_(optimizer)
-                        self.scaler.step(optimizer)
-                        self.scaler.update()
-                    else:
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    completed = step + 1
-                    self.losses.append(LossRow(completed, float(mean_loss), optimizer.last_rank_loss, learning_rate,
-                                               round(time.monotonic() - started, 3)))
-                progress.update(1)
-                progress.set_postfix(loss=f"{float(mean_loss):.4f}", lr=f"{learning_rate:.2e}")
-                if self.handle.num_trainable == 0:
-                    stopped_early = (f"the progressive step after step {completed} left no entry trainable (every "
-                                     f"learned |value| reached the threshold {self.handle.threshold:.3g}); the delta "
-                                     f"holds what was learned up to then")
-                    break
+            with agreement:
+                for step in range(self.start_step, config.steps):
+                    self.doing = f"training step {step + 1}"
+                    loss, learning_rate = self.step(step, started, compute_dtype, device)
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate:.2e}")
+                    if self.handle.num_trainable == 0:
+                        stopped_early = (f"the progressive step after step {self.completed} left no entry trainable "
+                                         f"(every learned |value| reached the threshold {self.handle.threshold:.3g}); "
+                                         f"the delta holds what was learned up to then")
+                        break
+                    if distributed.is_main:
+                        self.after_step(render_samples)
+                progress.close()
+                path = self.folder.delta
                 if distributed.is_main:
-                    doing = f"saving step {completed}"
-                    if completed % config.log_every == 0:
-                        with self.signals.shielded():
-                            write_logs(self.folder, self.losses)
-                    if config.save_every and completed % config.save_every == 0 and completed < config.steps:
-                        self.save(completed, final=False)
-                    doing = f"rendering the samples of step {completed}"
-                    if render_samples and config.sample_every and completed % config.sample_every == 0 \
-                            and completed < config.steps:
-                        save_samples(self.folder.samples_at(completed), self.unet, render_samples, completed)
-            progress.close()
-            path = self.folder.delta
-            if distributed.is_main:
-                doing = "saving the final delta"
-                path = self.save(completed, final=True)
-                doing = "rendering the final samples"
-                if render_samples:
-                    save_samples(self.folder.samples_at(completed), self.unet, render_samples, completed)
-            distributed.barrier()
+                    self.doing = "saving the final delta"
+                    path = self.save(self.completed, final=True)
+                    self.doing = "rendering the final samples"
+                    if render_samples:
+                        save_samples(self.folder.samples_at(self.completed), self.unet, render_samples, self.completed)
+                distributed.barrier()
             return TrainResult(path, self.losses, self.handle, stopped_early=stopped_early)
         except KeyboardInterrupt as stop:  # Interrupted, or a plain KeyboardInterrupt (e.g. raised by a notebook)
             progress.close()
-            if doing == f"training step {completed + 1}":  # the step did not finish: drop its draws and gradients
-                self.noise_generator.set_state(generator_at_step_start)
-                optimizer.zero_grad(set_to_none=True)
-            if distributed.is_main and completed > (self.saved_step or 0):
-                self.save(completed, final=False)
+            if self.doing == f"training step {self.completed + 1}":  # unfinished: drop its draws and gradients
+                self.noise_generator.set_state(self.generator_at_step_start)
+                self.optimizer.zero_grad(set_to_none=True)
+            if distributed.is_main and self.completed > (self.saved_step or 0):
+                self.save(self.completed, final=False)
+            if distributed.active and isinstance(stop, Interrupted):
+                distributed.barrier()  # all stopped together: wait for the save before any process exits
             return TrainResult(self.saved_path, self.losses, self.handle, interruption=Interrupted.of(stop),
-                               stopped_while=doing)
+                               stopped_while=self.doing)
+
+    def step(self, step: int, started: float, compute_dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
+        """Optimizer step ``step`` (0-based): micro-batches, gradient all-reduce, the update (which
+        happens together with its loss-log row, or not at all). Returns ``(loss, learning rate)``."""
+        config, distributed, optimizer = self.config, self.distributed, self.optimizer
+        self.generator_at_step_start = self.noise_generator.get_state()
+        torch.manual_seed(config.seed * 7919 + step)  # any global-RNG use (dropout) is a function of the step
+        learning_rate = learning_rate_at(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate
+        global_batch = config.batch_size * distributed.world
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for micro in range(config.grad_accumulation):
+            first = (step * config.grad_accumulation + micro) * global_batch
+            indices = [example_order(first + i, len(self.examples), config.seed) for i in range(global_batch)]
+            loss = micro_batch_loss(self.unet, self.noise_scheduler, [self.examples[i] for i in indices],
+                                    self.noise_generator, distributed, config.batch_size, compute_dtype, device)
+            backward(loss / config.grad_accumulation, self.scaler)
+            loss_sum += loss.detach().double().cpu()
+        distributed.average_([p.grad for p in self.handle.parameters() if p.grad is not None])
+        mean_loss = loss_sum / config.grad_accumulation
+        distributed.average_([mean_loss])
+        if distributed.active:
+            stop = distributed.largest(self.signals.received or 0)
+            if stop:
+                raise self.signals.stop(stop)
+        if not math.isfinite(float(mean_loss)):
+            raise SaRAError(f"the loss became {float(mean_loss)} at step {step + 1}: lower --learning-rate "
+                            f"or use --mixed-precision bf16/no")
+        with self.signals.shielded():
+            if self.scaler is not None:
+                self.scaler.unscale_(optimizer)
+                self.scaler.step(optimizer)
+                self.scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            self.losses.append(LossRow(step + 1, float(mean_loss), optimizer.last_rank_loss, learning_rate,
+                                       round(time.monotonic() - started, 3)))
+        return float(mean_loss), learning_rate
+
+    def after_step(self, render_samples: Callable[[int], list[Image.Image]] | None) -> None:
+        """The main process's work after a step: the loss log, periodic saves and samples."""
+        config, done = self.config, self.completed
+        self.doing = f"saving step {done}"
+        if done % config.log_every == 0:
+            with self.signals.shielded():
+                write_logs(self.folder, self.losses)
+        if config.save_every and done % config.save_every == 0 and done < config.steps:
+            self.save(done, final=False)
+        self.doing = f"rendering the samples of step {done}"
+        if render_samples and config.sample_every and done % config.sample_every == 0 and done < config.steps:
+            save_samples(self.folder.samples_at(done), self.unet, render_samples, done)
 
 
 def micro_batch_loss(unet: nn.Module, noise_scheduler, batch: Sequence[TrainingExample],
