@@ -491,8 +491,11 @@ def test_folder_merge_refuses_out_inside_base_and_link_loops(tiny_base: Path, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "d.safetensors"], "a temporary copy was left"
 
 
-def test_data_folder_as_output_dir_is_refused(tiny_base: Path, image_folder: Path, capsys) -> None:
-    before = sorted(p.name for p in image_folder.iterdir())
-    status, stderr = cli(*train_args(tiny_base, image_folder, image_folder), capsys=capsys)
+def test_data_folder_as_output_dir_is_refused(tiny_base: Path, image_folder: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    data = shutil.copytree(image_folder, tmp_path / "data")  # a copy: the attack used to write into it
+    before = sorted(p.name for p in data.iterdir())
+    status, stderr = cli(*train_args(tiny_base, data, data), capsys=capsys)
     assert status == 2 and "is the --data folder" in stderr
-    assert sorted(p.name for p in image_folder.iterdir()) == before
+    assert sorted(p.name for p in data.iterdir()) == before
