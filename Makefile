@@ -15,10 +15,10 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 $(PY):
 	python3 -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml scripts/get_comfyui.py | $(PY)
+$(VENV)/.installed: pyproject.toml tools/get_comfyui.py | $(PY)
 	$(PY) -c "import torchvision" 2>/dev/null || $(PIP) install -q $(TORCH)
 	$(PIP) install -q -e ".[test,bench]"
-	$(PY) scripts/get_comfyui.py "$(COMFYUI_DIR)"
+	$(PY) -m tools.get_comfyui "$(COMFYUI_DIR)"
 	touch $@
 
 install: $(VENV)/.installed
@@ -40,7 +40,7 @@ test: install chromium
 	$(PY) -m pytest -q
 
 bench: install
-	$(PY) benchmarks/memory_speed.py
+	$(PY) -m benchmarks.memory_speed
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info .cache demo-output

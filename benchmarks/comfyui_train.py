@@ -1,9 +1,9 @@
 """SaRA Train vs ComfyUI's built-in Train LoRA, in one real ComfyUI, on one model and data.
 
-    .venv/bin/python benchmarks/comfyui_train.py [--steps 8] [--image-size 64]
+    .venv/bin/python -m benchmarks.comfyui_train [--steps 8] [--image-size 64]
 
 Runs a ComfyUI server (``COMFYUI_DIR``, ``make test`` fetches one) on the CPU with the tiny
-SD1.5-detected UNet inside a random full checkpoint (see tests/comfyui_server.py), and reports:
+SD1.5-detected UNet inside a random full checkpoint (see tools/comfyui_server.py), and reports:
 
 1. Training, same latents/prompt/batch/fp32/gradient checkpointing, LoRA rank chosen so both train
    about the same number of parameters: peak RSS of the server during training above its RSS
@@ -25,12 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO))
-
-from comfyui_server import (ComfyUIServer, comfyui_dir, make_delta, write_tiny_sd15_checkpoint,  # noqa: E402
-                            write_tiny_unet, write_training_images)
+from tools.comfyui_server import (REPO, ComfyUIServer, comfyui_dir, make_delta, write_tiny_sd15_checkpoint,
+                                  write_tiny_unet, write_training_images)
 
 CKPT = "tiny_full.safetensors"
 BUDGET = 0.05

@@ -65,7 +65,7 @@ def setup(method: str, unet: nn.Module, rank_layers_per_step: int) -> tuple[list
         handle = sara_train.inject(unet, sara_train.SaRAConfig(budget=TRAINABLE))
         return list(handle.parameters()), lambda: 1e-4 * handle.rank_loss(rank_layers_per_step)
     if method == "masked_dense":
-        from sara_train.selection import find_targets, select_entries
+        from sara_train.engine.selection import find_targets, select_entries
 
         targets = find_targets(unet, sara_train.SaRAConfig())
         weights = {t.name: getattr(t.module, t.param_name) for t in targets}

@@ -10,8 +10,8 @@ import torch
 from comfy.weight_adapter.base import WeightAdapterBase
 
 import sara_train
-from sara_train.delta import LayerDelta, add_sparse_, check_layer_fits, check_strength
-from sara_train.keys import resolve_keys
+from sara_train.engine.apply import add_sparse_, fit_to_tensors
+from sara_train.engine.delta import LayerDelta, check_strength
 
 
 class SaRAWeightAdapter(WeightAdapterBase):
@@ -25,7 +25,12 @@ class SaRAWeightAdapter(WeightAdapterBase):
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
+        """``weight`` with ``strength * values`` added at the indices (in fp32, rounded once), in
+        place; ``function`` (ComfyUI's hook for patch-specific transforms) is applied to the
+        update first, as ComfyUI's LoRA adapter does."""
         flat_indices, values = self.weights
+        if function is not None:
+            values = function(values.to(intermediate_dtype))
         add_sparse_(weight, LayerDelta(tuple(weight.shape), flat_indices, values), strength)
         return weight
 
@@ -33,17 +38,14 @@ class SaRAWeightAdapter(WeightAdapterBase):
 def patch_model(model, delta: sara_train.SparseDelta, strength: float, check_base: bool = True):
     """A clone of ComfyUI ``model`` (a ModelPatcher) with ``delta`` added at ``strength``.
 
-    Delta keys are matched to the model's state-dict keys (``diffusion_model.*``) directly or via
-    one prefix; the strength (finite) and keys, shapes and base weights are checked first
-    (``SaRAError`` / ``DeltaMismatchError``), so a bad input leaves ``model`` untouched.
+    The delta is fitted to the model's state-dict keys (``diffusion_model.*``) through the library's
+    one delta path (any key naming a model family knows), and the strength (finite), shapes and
+    base weights are checked against the unpatched weights first (``SaRAError`` /
+    ``DeltaMismatchError``), so a bad input leaves ``model`` untouched.
     """
     strength = check_strength(strength)
     patcher = model.clone()
-    state = patcher.model.state_dict()
-    mapping = resolve_keys(delta.layers, state, "the model")
-    for key, model_key in mapping.items():
-        check_layer_fits(key, delta.layers[key], state[model_key], check_base)
-    patches = {model_key: SaRAWeightAdapter({key}, [delta.layers[key].flat_indices, delta.layers[key].values])
-               for key, model_key in mapping.items()}
+    fitted = fit_to_tensors(delta, patcher.model.state_dict(), check_base, "the model")
+    patches = {key: SaRAWeightAdapter({key}, [layer.flat_indices, layer.values]) for key, layer in fitted.layers.items()}
     patcher.add_patches(patches, strength)
     return patcher

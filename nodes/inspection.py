@@ -7,20 +7,11 @@ import torch
 from comfy_api.latest import io
 
 import sara_train
-from sara_train.analysis import draw_histogram, magnitude_histogram, threshold_for_budget
-from sara_train.selection import find_targets
+from sara_train.engine.analysis import magnitude_histogram, parse_budgets, threshold_for_budget
+from sara_train.engine.selection import find_targets
+from sara_train.plots.histogram import draw_histogram
 
-NONE = "[None]"
-
-
-def parse_budgets(text: str) -> list[float]:
-    try:
-        budgets = [float(part) for part in text.replace(";", ",").split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"budgets must be comma-separated fractions like '0.01, 0.05', got {text!r}") from None
-    if not budgets or any(not 0 < b <= 1 for b in budgets):
-        raise ValueError(f"budgets must be fractions in (0, 1], got {text!r}")
-    return budgets
+from .common import NONE
 
 
 class SaRAInspect(io.ComfyNode):

@@ -7,7 +7,7 @@ from comfy_api.latest import io
 import sara_train
 
 from .adapter import patch_model
-from .train import SARA_DELTA
+from .common import SARA_DELTA
 
 STRENGTH_TOOLTIP = "1 applies the delta as trained, 0 leaves the model unchanged, -1 removes it."
 

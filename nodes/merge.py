@@ -1,16 +1,13 @@
 """SaRA Merge Checkpoint: bake deltas into a new single-file checkpoint (streaming, atomic)."""
 from __future__ import annotations
 
-import os
-
 import folder_paths
 from comfy_api.latest import io
 
 import sara_train
 
-from .folders import plain_file_name
+from .common import NONE, numbered_path
 
-NONE = "[None]"
 DELTA_SLOTS = 3
 
 
@@ -26,12 +23,10 @@ class SaRAMergeCheckpoint(io.ComfyNode):
                                default=None if slot == 1 else NONE),
                 io.Float.Input(f"strength_{slot}", default=1.0, min=-10.0, max=10.0, step=0.01),
             ]
-        inputs += [
-            io.String.Input("filename", default="sara_merged",
-                            tooltip="Name of the new checkpoint in models/checkpoints (.safetensors is added)."),
-            io.Boolean.Input("overwrite", default=False,
-                             tooltip="Replace an existing checkpoint of that name (never the input checkpoint)."),
-        ]
+        inputs.append(io.String.Input(
+            "filename_prefix", default="sara_merged",
+            tooltip="Saved as models/checkpoints/<prefix>_<NNNNN>_.safetensors with the next free number "
+                    "(ComfyUI's numbering: nothing is overwritten); may name a subfolder."))
         return io.Schema(
             node_id="SaRAMergeCheckpoint",
             display_name="SaRA Merge Checkpoint",
@@ -44,15 +39,14 @@ class SaRAMergeCheckpoint(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, ckpt_name: str, filename: str, overwrite: bool, **slots) -> io.NodeOutput:
-        plain_file_name(filename, "filename")
+    def execute(cls, ckpt_name: str, filename_prefix: str, **slots) -> io.NodeOutput:
         deltas, strengths = [], []
         for slot in range(1, DELTA_SLOTS + 1):
             name = slots.get(f"delta_{slot}", NONE)
             if name and name != NONE:
                 deltas.append(folder_paths.get_full_path_or_raise("sara", name))
                 strengths.append(float(slots[f"strength_{slot}"]))
-        out = os.path.join(folder_paths.get_folder_paths("checkpoints")[0], filename.removesuffix(".safetensors") + ".safetensors")
         source = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
-        sara_train.merge_checkpoint(source, deltas, out, strengths, overwrite=overwrite)
+        out = numbered_path(folder_paths.get_folder_paths("checkpoints")[0], filename_prefix)
+        sara_train.merge_checkpoint(source, deltas, out, strengths)
         return io.NodeOutput(out)

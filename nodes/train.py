@@ -15,21 +15,19 @@ from comfy_api.latest import io
 from server import PromptServer
 
 import sara_train
-from sara_train import SaRAConfig, SparseDelta
+from sara_train import DTYPES, SaRAConfig, SparseDelta
 
 from .adapter import patch_model
-from .folders import plain_file_name, sara_folder
+from .common import LOSS_MAP, NONE, SARA_DELTA, numbered_path, sara_folder
 from .train_data import TrainingSet, build_training_set
 from .train_loop import CancelWatch, SaRATrainSampler, StepReport, TrainOutcome, TrainSettings
 
 log = logging.getLogger("comfyui-sara")
-NONE = "[None]"
 LOSS_EVENT = "sara.loss"
 RANK_LAYERS_PER_STEP = 4
 """Layers whose nuclear norm is taken per step, in rotation (measured at 0.5% of a step)."""
-TRAINING_DTYPES = {"bf16": torch.bfloat16, "fp32": None}
-SARA_DELTA = io.Custom("SARA_DELTA")
-LOSS_MAP = io.Custom("LOSS_MAP")
+TRAINING_DTYPES = ("bf16", "fp32")
+"""Compute dtypes offered (names of ``sara_train.DTYPES``); fp32 trains in the model's own precision."""
 
 
 class SaRATrain(io.ComfyNode):
@@ -70,7 +68,8 @@ class SaRATrain(io.ComfyNode):
                 io.Int.Input("save_every", default=0, min=0, max=1_000_000,
                              tooltip="Write the delta to models/sara every N steps (0 = off)."),
                 io.String.Input("save_prefix", default="sara_delta",
-                                tooltip="File name prefix of the periodic saves in models/sara."),
+                                tooltip="File name prefix of the periodic saves in models/sara "
+                                        "(<prefix>_<NNNNN>_step<N>.safetensors; may name a subfolder)."),
                 io.Combo.Input("existing_delta", options=[NONE, *folder_paths.get_filename_list("sara")],
                                default=NONE, tooltip="Continue training from this delta (models/sara)."),
             ],
@@ -159,22 +158,24 @@ def settings_from_options(options: dict) -> TrainSettings:
         learning_rate=options["learning_rate"], selection=selection, rank_weight=options["rank_loss_weight"],
         rank_layers_per_step=RANK_LAYERS_PER_STEP,
         progressive_at=progressive_at if 0 < progressive_at < steps else None,
-        seed=options["seed"], autocast_dtype=TRAINING_DTYPES[options["training_dtype"]],
+        seed=options["seed"],
+        autocast_dtype=None if options["training_dtype"] == "fp32" else DTYPES[options["training_dtype"]],
         gradient_checkpointing=options["gradient_checkpointing"], existing=existing)
 
 
 class PeriodicSaver:
-    """Writes ``models/sara/<run>_step<N>.safetensors`` every ``every`` steps. ``<run>`` is
-    ``<prefix>_<NNN>``, the first counter no existing file uses, so runs never overwrite each
-    other. Files are written atomically (a cancelled or failed save leaves no partial file)."""
+    """Writes ``models/sara/<prefix>_<NNNNN>_step<N>.safetensors`` every ``every`` steps, ``NNNNN``
+    chosen at the first save by the nodes' one numbering policy (``numbered_path``), so a run never
+    overwrites another's files. Files are written atomically (a cancelled or failed save leaves no
+    partial file). A bad prefix is refused when the saver is made, before training."""
 
     def __init__(self, every: int, prefix: str, total_steps: int) -> None:
-        if every:
-            plain_file_name(prefix, "save_prefix")
         self.every = every
         self.prefix = prefix
         self.digits = len(str(total_steps))
-        self.run_name: str | None = None
+        self.run_stem: str | None = None
+        if every:
+            numbered_path(sara_folder(), prefix)  # checks the prefix now; creates nothing but its folder
 
     def maybe_save(self, report: StepReport) -> None:
         if self.every and report.step % self.every == 0:
@@ -183,14 +184,10 @@ class PeriodicSaver:
     def save(self, step: int, delta: SparseDelta) -> None:
         if not self.every:
             return
-        folder = sara_folder()
-        if self.run_name is None:
-            taken = os.listdir(folder)
-            counter = 1
-            while any(name.startswith(f"{self.prefix}_{counter:03d}_") for name in taken):
-                counter += 1
-            self.run_name = f"{self.prefix}_{counter:03d}"
-        path = os.path.join(folder, f"{self.run_name}_step{step:0{self.digits}d}.safetensors")
+        tag = f"step{step:0{self.digits}d}"
+        if self.run_stem is None:
+            self.run_stem = numbered_path(sara_folder(), self.prefix, tag).removesuffix(f"{tag}.safetensors")
+        path = f"{self.run_stem}{tag}.safetensors"
         delta.save(path, dtype=torch.float16)
         log.info("SaRA Train: saved %s", path)
 

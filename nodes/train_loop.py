@@ -106,7 +106,8 @@ class SaRATrainSampler(comfy.samplers.Sampler):
         with contextlib.ExitStack() as cleanup:
             make_trainable_tensors(network)
             existing = self.settings.existing
-            if existing is not None:
+            if existing is not None:  # in the network's own names, whatever naming the file used
+                existing = existing.fit(network)
                 cleanup.callback(existing.apply_to(network).restore)
             optimizer = sara_train.SaRAAdamW(  # on failure it leaves the shared network as it was
                 network, lr=self.settings.learning_rate, config=self.settings.selection,

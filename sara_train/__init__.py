@@ -5,16 +5,24 @@
     loss = task_loss + rank_weight * h.rank_loss()
     h.reselect()                       # half way: progressive step
     h.delta().save("delta.safetensors")
+
+The package is layered, imports pointing one way:
+
+    engine/    torch + safetensors only: selection, the sparse weight, rank loss, handle, optimizer,
+               the delta format, fitting deltas to targets, the streaming merge
+    families/  model-family knowledge: key namings and checkpoint layouts (registered with the
+               engine's delta path on import, so a delta fits a model whatever naming either uses)
+    plots/, trainer/, cli/, demo/   applications: images, the diffusers trainer, `sara-train`, `make demo`
+
+``import sara_train`` needs neither diffusers nor transformers (only the trainer and demo do).
 """
-from .checkpoint import merge_checkpoint
-from .config import SaRAConfig
-from .delta import DeltaSummary, LayerDelta, SparseDelta
-from .errors import DeltaFormatError, DeltaMismatchError, SaRAError
-from .model import SaRAHandle, inject
-from .optim import SaRAAdamW
+from . import families  # noqa: F401  (registers the model families' key namings with engine.apply)
+from .engine import (DTYPES, DeltaFormatError, DeltaMismatchError, DeltaSummary, LayerDelta, RestorePoint,
+                     SaRAAdamW, SaRAConfig, SaRAError, SaRAHandle, SparseDelta, apply_delta, fit_delta, inject,
+                     merge_checkpoint)
 
 __all__ = [
-    "DeltaFormatError", "DeltaMismatchError", "DeltaSummary", "LayerDelta", "SaRAAdamW", "SaRAConfig",
-    "SaRAError", "SaRAHandle", "SparseDelta", "inject", "merge_checkpoint",
+    "DTYPES", "DeltaFormatError", "DeltaMismatchError", "DeltaSummary", "LayerDelta", "RestorePoint", "SaRAAdamW",
+    "SaRAConfig", "SaRAError", "SaRAHandle", "SparseDelta", "apply_delta", "fit_delta", "inject", "merge_checkpoint",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

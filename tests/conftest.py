@@ -61,7 +61,7 @@ def comfy(tmp_path_factory):
     """
     import pickle
 
-    from comfyui_server import (ComfyUIServer, make_delta, make_lora, write_tiny_sd15_checkpoint,
+    from tools.comfyui_server import (ComfyUIServer, make_delta, make_lora, write_tiny_sd15_checkpoint,
                                 write_training_images, write_tiny_unet)
     from safetensors.torch import load_file, save_file
 

@@ -2,7 +2,7 @@
 
 ``write_single_file_checkpoint(folder, out_path)`` turns a tiny pipeline from ``tiny_sd`` into the
 ``.safetensors`` layout that ``StableDiffusionPipeline.from_single_file`` and ComfyUI read:
-UNet under ``model.diffusion_model.`` (names from ``sara_train.ldm_keys``), VAE under
+UNet under ``model.diffusion_model.`` (names from ``sara_train.families.sd_unet``), VAE under
 ``first_stage_model.`` (LDM VAE names; attention projections as 1x1 convolutions), CLIP text
 encoder under ``cond_stage_model.transformer.text_model.``. SD1.x layout only.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sara_train.ldm_keys import diffusers_to_ldm_unet_keys
+from sara_train.families.sd_unet import diffusers_to_ldm_unet_keys
 
 VAE_RESNET_PARTS = {"conv_shortcut": "nin_shortcut"}
 VAE_ATTENTION_PARTS = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}

@@ -4,7 +4,7 @@ before the fix. (The signal attacks are in ``test_signals.py``.)
 | attack | test |
 |---|---|
 | a failed SaRA Train (NaN learning rate, an error after injection) poisons ComfyUI's cached model | ``test_failed_optimizer_or_injection_leaves_the_model_as_it_was``, ``test_a_failed_train_leaves_comfyuis_shared_model_clean`` |
-| ``merge --out`` = ``--delta``, an existing or special ``--out``, the merge node onto its own input | ``test_merge_never_destroys_an_input_or_an_existing_file``, ``test_merge_node_refuses_to_write_over_its_input`` |
+| ``merge --out`` = ``--delta``, an existing or special ``--out``, the merge node onto its own input | ``test_merge_never_destroys_an_input_or_an_existing_file``, ``test_merge_node_never_writes_over_its_input`` |
 | NaN / inf strength in ``apply_to``, SaRA Load / Apply, ``merge --delta f:nan`` | ``test_non_finite_strengths_are_refused``, ``test_comfyui_refuses_non_finite_strengths`` |
 | a progressive step that freezes every entry | ``test_a_reselection_that_freezes_everything_stops_and_saves``, ``test_comfyui_train_stops_when_everything_froze`` |
 | an unwritable ``--output-dir`` / ``--out`` found after the work | ``test_unwritable_outputs_fail_before_any_work`` |
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from comfyui_server import execution_error
+from tools.comfyui_server import execution_error
 from conftest import TinyNet
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -80,7 +80,7 @@ def test_a_failed_train_leaves_comfyuis_shared_model_clean(comfy) -> None:
     """A NaN learning rate (which ComfyUI's range check lets through) and a forward that fails after
     SaRA was injected (latents of the wrong channel count) are node errors; afterwards the cached
     model trains, loads deltas and saves exactly as before."""
-    from test_comfyui_train import run_ok, train_graph
+    from tools.comfyui_graphs import train_graph
 
     server, base = comfy
     entry = server.run(train_graph(steps=2, learning_rate=float("nan")))
@@ -101,7 +101,7 @@ def test_a_failed_train_leaves_comfyuis_shared_model_clean(comfy) -> None:
                                                             "strength": 1.0}}
     graph["sampled"] = {"class_type": "ModelSave", "inputs": {"model": ["load", 0],
                                                               "filename_prefix": "diffusion_models/after_failures_a"}}
-    run_ok(server, graph)  # SaRA Train is not "already parametrized", SaRA Load finds its keys
+    server.run_ok(graph)  # SaRA Train is not "already parametrized", SaRA Load finds its keys
     (saved,) = (server.base / "output" / "diffusion_models").glob("after_failures_0*.safetensors")
     saved = {k.removeprefix("model.diffusion_model."): v for k, v in load_file(str(saved)).items()}
     assert set(saved) == set(base), "ModelSave lost weights or gained SaRA buffers"
@@ -137,15 +137,17 @@ def test_merge_never_destroys_an_input_or_an_existing_file(tmp_path: Path, capsy
     assert status == 2 and "is the input file" in stderr
 
 
-def test_merge_node_refuses_to_write_over_its_input(comfy) -> None:
+def test_merge_node_never_writes_over_its_input(comfy) -> None:
+    """The input's own name as the prefix (with overwrite on, it used to rewrite the input): the
+    node now numbers every output, so the input is never a candidate."""
     server, _ = comfy
     checkpoint = server.base / "models" / "checkpoints" / "tiny_ckpt.safetensors"
     before = checkpoint.read_bytes()
-    entry = server.run({"merge": {"class_type": "SaRAMergeCheckpoint", "inputs": {
+    server.run_ok({"merge": {"class_type": "SaRAMergeCheckpoint", "inputs": {
         "ckpt_name": "tiny_ckpt.safetensors", "delta_1": "a.safetensors", "strength_1": 1.0, "delta_2": "[None]",
-        "strength_2": 1.0, "delta_3": "[None]", "strength_3": 1.0, "filename": "tiny_ckpt", "overwrite": True}}})
-    assert entry["status"]["status_str"] == "error" and "is the input file" in execution_error(entry)
+        "strength_2": 1.0, "delta_3": "[None]", "strength_3": 1.0, "filename_prefix": "tiny_ckpt"}}})
     assert checkpoint.read_bytes() == before
+    assert (checkpoint.parent / "tiny_ckpt_00001_.safetensors").exists()
 
 
 # ------------------------------------------------------------------------------- strengths
@@ -166,7 +168,7 @@ def test_non_finite_strengths_are_refused(tiny_net: TinyNet, strength: float, tm
 
 
 def test_comfyui_refuses_non_finite_strengths(comfy) -> None:
-    from test_comfyui_train import train_graph
+    from tools.comfyui_graphs import train_graph
 
     server, _ = comfy
     load = {"unet": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny.safetensors", "weight_dtype": "default"}},
@@ -198,10 +200,10 @@ def test_a_reselection_that_freezes_everything_stops_and_saves(tiny_base: Path, 
 
 
 def test_comfyui_train_stops_when_everything_froze(comfy) -> None:
-    from test_comfyui_train import run_ok, train_graph
+    from tools.comfyui_graphs import train_graph
 
     server, _ = comfy
-    entry = run_ok(server, train_graph(steps=4, learning_rate=1.0, threshold=1e-6, rank_loss_weight=0.0))
+    entry = server.run_ok(train_graph(steps=4, learning_rate=1.0, threshold=1e-6, rank_loss_weight=0.0))
     assert entry["outputs"]["train"]["sara_status"][0].startswith("stopped early: 2/4 steps")
     assert len(entry["outputs"]["train"]["sara_loss"]) == 2
 
@@ -231,7 +233,7 @@ def test_unwritable_outputs_fail_before_any_work(tmp_path: Path, image_folder: P
 AMBIGUOUS = """
 import sys, torch
 sys.path.insert(0, {repo!r})
-from sara_train.keys import resolve_keys
+from sara_train.engine.keys import resolve_keys
 targets = [f"blocks.{{i}}.attn.{{p}}.weight" for i in range(6) for p in ("to_q", "to_k")]
 try:
     print(resolve_keys(["attn.to_q.weight", "attn.to_k.weight"], targets, "the model"))
@@ -483,7 +485,7 @@ def test_folder_merge_refuses_out_inside_base_and_link_loops(tiny_base: Path, tm
     delta = handle.delta().save(tmp_path / "d.safetensors")
     status, stderr = cli("merge", "--base", base, "--delta", delta, "--out", base / "merged", "--no-check-base",
                          capsys=capsys)
-    assert status == 2 and "is inside --base" in stderr
+    assert status == 2 and "is inside the base folder" in stderr
     (base / "tokenizer" / "loop").symlink_to("..", target_is_directory=True)
     status, stderr = cli("merge", "--base", base, "--delta", delta, "--out", tmp_path / "merged", "--no-check-base",
                          capsys=capsys)

@@ -132,7 +132,7 @@ def test_fingerprint_mismatch_and_override(delta, base: TinyNet) -> None:
 
 
 def test_failed_apply_restores_what_it_had_changed(delta, base: TinyNet, monkeypatch) -> None:
-    import sara_train.delta as delta_module
+    import sara_train.engine.apply as delta_module
 
     real = delta_module.add_sparse_
     calls = []

@@ -9,8 +9,8 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from sara_train.errors import SaRAError
-from sara_train.trainer.base import BaseModel, load_base
+from sara_train.engine.errors import SaRAError
+from sara_train.trainer.base_model import BaseModel, load_base
 from single_file import write_single_file_checkpoint
 from tiny_sd import TEXT_WIDTH, write_tiny_sd_pipeline
 

@@ -12,25 +12,22 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from sara_train import SaRAConfig, SparseDelta, inject
-from sara_train.analysis import budget_threshold_table, zero_small_weights_effect
-from sara_train.cli_tools import (add_analyze_arguments, add_inspect_arguments, add_merge_arguments,
-                                  parse_delta_spec, analyze_command, inspect_command, merge_command, unet_probe)
-from sara_train.errors import DeltaFormatError, DeltaMismatchError, SaRAError
-from sara_train.ldm_keys import delta_to_ldm_keys
-from sara_train.selection import find_targets
-from sara_train.trainer.base import load_base
+from sara_train.engine.analysis import budget_threshold_table, zero_small_weights_effect
+from sara_train.cli import build_parser
+from sara_train.cli.analyze import analyze_command, unet_probe
+from sara_train.cli.inspect import inspect_command
+from sara_train.cli.merge import merge_command, parse_delta_spec
+from sara_train.engine.errors import DeltaFormatError, DeltaMismatchError, SaRAError
+from sara_train.families.sd_unet import delta_to_ldm_keys
+from sara_train.engine.selection import find_targets
+from sara_train.trainer.base_model import load_base
 from single_file import write_single_file_checkpoint
 from tiny_sd import tiny_unet, write_tiny_sd_pipeline
 
 
 def parse(*argv: str) -> argparse.Namespace:
-    """Parse like ``sara-train <argv>`` would (the lead's cli.py uses these argument builders)."""
-    parser = argparse.ArgumentParser(prog="sara-train")
-    commands = parser.add_subparsers(dest="command", required=True)
-    add_merge_arguments(commands.add_parser("merge"))
-    add_inspect_arguments(commands.add_parser("inspect"))
-    add_analyze_arguments(commands.add_parser("analyze"))
-    return parser.parse_args([str(a) for a in argv])
+    """Parse like ``sara-train <argv>`` does."""
+    return build_parser().parse_args([str(a) for a in argv])
 
 
 def random_delta(unet, seed: int) -> SparseDelta:
@@ -216,5 +213,5 @@ def test_analyze_writes_histogram_and_tables(setup, tmp_path, capsys):
     assert [float(r["budget"]) for r in budgets] == [0.01, 0.2]
     assert [r["threshold"] for r in zeroing] == [r["threshold"] for r in budgets]
     assert float(zeroing[0]["relative_change"]) < float(zeroing[1]["relative_change"])
-    with pytest.raises(SystemExit):
-        parse("analyze", "--base", setup["file"], "--budgets", "0.5,2")
+    with pytest.raises(SaRAError, match="budgets must be fractions in \\(0, 1\\]"):
+        analyze_command(parse("analyze", "--base", setup["file"], "--budgets", "0.5,2", "--out", out))

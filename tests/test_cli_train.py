@@ -71,8 +71,8 @@ def test_merge_into_the_single_file_it_was_trained_from(tiny_base: Path, image_f
     equals the trained one."""
     from single_file import write_single_file_checkpoint
 
-    from sara_train.ldm_keys import delta_to_diffusers_keys
-    from sara_train.trainer.base import load_base
+    from sara_train.families.sd_unet import delta_to_diffusers_keys
+    from sara_train.trainer.base_model import load_base
 
     checkpoint = write_single_file_checkpoint(tiny_base, tmp_path / "tiny.safetensors")
     out = tmp_path / "run"

@@ -8,16 +8,16 @@ import json
 import subprocess
 import sys
 
-from comfyui_server import REPO, comfyui_dir
+from tools.comfyui_server import REPO, comfyui_dir
 
 LOWVRAM_SCRIPT = """
 import json, sys, torch
-sys.path[:0] = [sys.argv[2], sys.argv[2] + "/tests", sys.argv[1]]  # our nodes/ before ComfyUI's nodes.py
+sys.path[:0] = [sys.argv[2], sys.argv[1]]  # our nodes/ (and tools/) before ComfyUI's nodes.py
 import comfy.cli_args
 comfy.cli_args.args.cpu = True
 import comfy.sd
 from safetensors.torch import load_file
-from comfyui_server import make_delta
+from tools.comfyui_server import make_delta
 from nodes.adapter import patch_model
 
 model = comfy.sd.load_diffusion_model(sys.argv[3])

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfyui_server import LORA_TARGETS, ComfyUIServer, execution_error
+from tools.comfyui_server import LORA_TARGETS, ComfyUIServer, execution_error
 from PIL import Image
 from safetensors.torch import load_file
 
 import sara_train
-from sara_train.analysis import threshold_for_budget
+from sara_train.engine.analysis import threshold_for_budget
 
 
 def save_graph(loaders: list[tuple[str, float]], prefix: str) -> dict:
@@ -26,11 +26,6 @@ def saved_unet(server: ComfyUIServer, prefix: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("model.diffusion_model."): v for k, v in load_file(str(path)).items()}
 
 
-def run_ok(server: ComfyUIServer, graph: dict) -> None:
-    entry = server.run(graph)
-    assert entry["status"]["status_str"] == "success", execution_error(entry) + server.read_log()
-
-
 def test_object_info_lists_the_loader(comfy) -> None:
     server, _ = comfy
     info = server.get("/object_info/SaRALoader")["SaRALoader"]
@@ -43,7 +38,7 @@ def test_object_info_lists_the_loader(comfy) -> None:
 
 def test_loaded_weights_are_base_plus_delta_and_untouched_elsewhere(comfy) -> None:
     server, base = comfy
-    run_ok(server, save_graph([("a.safetensors", 0.7)], "a07"))
+    server.run_ok(save_graph([("a.safetensors", 0.7)], "a07"))
     saved = saved_unet(server, "a07")
     delta = sara_train.SparseDelta.load(server.base / "models" / "sara" / "a.safetensors")
     expected = {k: v.clone() for k, v in base.items()}
@@ -60,10 +55,10 @@ def test_loaded_weights_are_base_plus_delta_and_untouched_elsewhere(comfy) -> No
 
 def test_strength_zero_is_the_base_and_stacked_deltas_add(comfy) -> None:
     server, base = comfy
-    run_ok(server, save_graph([("a.safetensors", 0.0)], "zero"))
+    server.run_ok(save_graph([("a.safetensors", 0.0)], "zero"))
     for key, tensor in saved_unet(server, "zero").items():
         assert torch.equal(tensor, base[key])
-    run_ok(server, save_graph([("a.safetensors", 1.0), ("b.safetensors", 0.5)], "stacked"))
+    server.run_ok(save_graph([("a.safetensors", 1.0), ("b.safetensors", 0.5)], "stacked"))
     folder = server.base / "models" / "sara"
     summed = sara_train.SparseDelta.stack([sara_train.SparseDelta.load(folder / "a.safetensors"),
                                            sara_train.SparseDelta.load(folder / "b.safetensors")], [1.0, 0.5])
@@ -87,18 +82,18 @@ def test_bad_deltas_are_node_errors_and_the_server_keeps_serving(comfy, name: st
     assert "SaRALoader" in server.get("/object_info/SaRALoader")
 
 
-def merge_graph(filename: str, strength_2: float) -> dict:
+def merge_graph(prefix: str, strength_2: float) -> dict:
     return {"merge": {"class_type": "SaRAMergeCheckpoint", "inputs": {
         "ckpt_name": "tiny_ckpt.safetensors", "delta_1": "a.safetensors", "strength_1": 1.0,
         "delta_2": "b.safetensors", "strength_2": strength_2, "delta_3": "[None]", "strength_3": 1.0,
-        "filename": filename, "overwrite": False}}}
+        "filename_prefix": prefix}}}
 
 
 def test_merge_checkpoint_node_bakes_stacked_deltas(comfy) -> None:
     server, _ = comfy
-    run_ok(server, merge_graph("merged_ab", 0.5))
+    server.run_ok(merge_graph("merged_ab", 0.5))
     folder = server.base / "models"
-    merged = load_file(str(folder / "checkpoints" / "merged_ab.safetensors"))
+    merged = load_file(str(folder / "checkpoints" / "merged_ab_00001_.safetensors"))
     expected = load_file(str(folder / "checkpoints" / "tiny_ckpt.safetensors"))
     sara_train.SparseDelta.stack([sara_train.SparseDelta.load(folder / "sara" / "a.safetensors"),
                                   sara_train.SparseDelta.load(folder / "sara" / "b.safetensors")], [1.0, 0.5]).apply_to(expected)
@@ -106,14 +101,14 @@ def test_merge_checkpoint_node_bakes_stacked_deltas(comfy) -> None:
     for key, tensor in expected.items():
         torch.testing.assert_close(merged[key], tensor, rtol=1e-6, atol=1e-7)
 
-    before = (folder / "checkpoints" / "merged_ab.safetensors").read_bytes()
-    entry = server.run(merge_graph("merged_ab", 0.25))
-    assert entry["status"]["status_str"] == "error" and "already exists" in execution_error(entry)
-    assert (folder / "checkpoints" / "merged_ab.safetensors").read_bytes() == before
+    before = (folder / "checkpoints" / "merged_ab_00001_.safetensors").read_bytes()
+    server.run_ok(merge_graph("merged_ab", 0.25))  # the same prefix again: the next number, nothing overwritten
+    assert (folder / "checkpoints" / "merged_ab_00001_.safetensors").read_bytes() == before
+    assert (folder / "checkpoints" / "merged_ab_00002_.safetensors").exists()
 
     entry = server.run(merge_graph("../outside", 0.5))
-    assert entry["status"]["status_str"] == "error" and "plain file name" in execution_error(entry)
-    assert not (folder / "outside.safetensors").exists()
+    assert entry["status"]["status_str"] == "error" and "leads outside" in execution_error(entry)
+    assert not list(folder.glob("outside*"))
 
 
 def test_inspect_reports_the_thresholds_sara_would_use(comfy) -> None:
@@ -170,12 +165,12 @@ def saved_latent(server: ComfyUIServer, prefix: str) -> torch.Tensor:
 
 def test_sampling_with_loaded_delta_equals_merged_checkpoint_and_differs_from_base(comfy) -> None:
     server, _ = comfy
-    run_ok(server, {"merge": {"class_type": "SaRAMergeCheckpoint", "inputs": {
+    server.run_ok({"merge": {"class_type": "SaRAMergeCheckpoint", "inputs": {
         "ckpt_name": "tiny_full.safetensors", "delta_1": "a.safetensors", "strength_1": 1.0, "delta_2": "[None]",
-        "strength_2": 1.0, "delta_3": "[None]", "strength_3": 1.0, "filename": "tiny_full_a", "overwrite": False}}})
-    run_ok(server, sample_graph("tiny_full.safetensors", "base"))
-    run_ok(server, sample_graph("tiny_full.safetensors", "loaded", delta="a.safetensors"))
-    run_ok(server, sample_graph("tiny_full_a.safetensors", "merged"))
+        "strength_2": 1.0, "delta_3": "[None]", "strength_3": 1.0, "filename_prefix": "tiny_full_a"}}})
+    server.run_ok(sample_graph("tiny_full.safetensors", "base"))
+    server.run_ok(sample_graph("tiny_full.safetensors", "loaded", delta="a.safetensors"))
+    server.run_ok(sample_graph("tiny_full_a_00001_.safetensors", "merged"))
     base, loaded, merged = (saved_latent(server, name) for name in ("base", "loaded", "merged"))
     torch.testing.assert_close(loaded, merged, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(loaded, base, atol=1e-4)
@@ -184,9 +179,9 @@ def test_sampling_with_loaded_delta_equals_merged_checkpoint_and_differs_from_ba
     graph = {key: graph[key] for key in ("ckpt", "sara")}
     graph["save_ckpt"] = {"class_type": "CheckpointSave", "inputs": {
         "model": ["sara", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "filename_prefix": "checkpoints/builtin_save"}}
-    run_ok(server, graph)
+    server.run_ok(graph)
     (builtin,) = (server.base / "output" / "checkpoints").glob("builtin_save_*.safetensors")
-    saved, ours = load_file(str(builtin)), load_file(str(server.base / "models" / "checkpoints" / "tiny_full_a.safetensors"))
+    saved, ours = load_file(str(builtin)), load_file(str(server.base / "models" / "checkpoints" / "tiny_full_a_00001_.safetensors"))
     unet_keys = [k for k in ours if k.startswith("model.diffusion_model.")]
     assert unet_keys and set(unet_keys) <= set(saved)
     for key in unet_keys:
@@ -202,7 +197,7 @@ def test_chains_after_a_lora(comfy) -> None:
         "sara": {"class_type": "SaRALoader", "inputs": {"model": ["lora", 0], "delta_name": "a.safetensors", "strength": 1.0}},
         "save": {"class_type": "ModelSave", "inputs": {"model": ["sara", 0], "filename_prefix": "diffusion_models/lora_sara"}},
     }
-    run_ok(server, graph)
+    server.run_ok(graph)
     lora = load_file(str(server.base / "models" / "loras" / "tiny_lora.safetensors"))
     expected = {k: v.clone() for k, v in base.items()}
     for name in LORA_TARGETS:

@@ -11,43 +11,11 @@ import urllib.request
 
 import pytest
 import torch
-from comfyui_server import execution_error
 from safetensors.torch import load_file, save_file
 
 import sara_train
-
-CKPT = "tiny_full.safetensors"
-
-
-def train_graph(steps: int = 30, learning_rate: float = 1e-2, images: int = 2, **options) -> dict:
-    """CheckpointLoaderSimple -> CLIPTextEncode, LoadImage x images -> VAEEncode -> LatentBatch -> SaRATrain."""
-    graph = {
-        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
-        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a red square"}},
-    }
-    latents = None
-    for i in range(images):
-        graph[f"img{i}"] = {"class_type": "LoadImage", "inputs": {"image": f"train_{i}.png"}}
-        graph[f"enc{i}"] = {"class_type": "VAEEncode", "inputs": {"pixels": [f"img{i}", 0], "vae": ["ckpt", 2]}}
-        if latents is None:
-            latents = [f"enc{i}", 0]
-        else:
-            graph[f"batch{i}"] = {"class_type": "LatentBatch", "inputs": {"samples1": latents, "samples2": [f"enc{i}", 0]}}
-            latents = [f"batch{i}", 0]
-    inputs = {"model": ["ckpt", 0], "latents": latents, "positive": ["pos", 0], "steps": steps, "batch_size": 2,
-              "grad_accumulation": 1, "learning_rate": learning_rate, "budget": 0.05, "threshold": 0.0,
-              "rank_loss_weight": 1e-4, "progressive_fraction": 0.5, "seed": 7, "training_dtype": "fp32",
-              "gradient_checkpointing": True, "save_every": 0, "save_prefix": "run", "existing_delta": "[None]"}
-    inputs.update(options)
-    graph["train"] = {"class_type": "SaRATrain", "inputs": inputs}
-    return graph
-
-
-def with_save(graph: dict, filename: str, values_dtype: str = "fp32") -> dict:
-    graph["save"] = {"class_type": "SaRASave", "inputs": {"delta": ["train", 1], "filename": filename,
-                                                          "values_dtype": values_dtype, "overwrite": True}}
-    return graph
-
+from tools.comfyui_graphs import CKPT, saved_delta, train_graph, with_save
+from tools.comfyui_server import execution_error
 
 def with_model_save(graph: dict, model: list, prefix: str) -> dict:
     graph[f"modelsave_{prefix}"] = {"class_type": "ModelSave", "inputs": {"model": model,
@@ -63,12 +31,6 @@ def with_sampling(graph: dict, model: list, prefix: str) -> dict:
     graph[f"sl_{prefix}"] = {"class_type": "SaveLatent", "inputs": {"samples": [f"ks_{prefix}", 0],
                                                                     "filename_prefix": f"latents/tr_{prefix}"}}
     return graph
-
-
-def run_ok(server, graph: dict) -> dict:
-    entry = server.run(graph, timeout=600)
-    assert entry["status"]["status_str"] == "success", execution_error(entry) + server.read_log()
-    return entry
 
 
 def output_file(server, folder: str, prefix: str) -> str:
@@ -90,8 +52,8 @@ def trained(comfy):
     graph = with_save(train_graph(save_every=15, save_prefix="periodic"), "trained")
     with_model_save(graph, ["train", 0], "trained_model")
     with_sampling(graph, ["train", 0], "trained")
-    entry = run_ok(server, graph)
-    delta = sara_train.SparseDelta.load(server.base / "models" / "sara" / "trained.safetensors")
+    entry = server.run_ok(graph)
+    delta = sara_train.SparseDelta.load(saved_delta(server.base, "trained"))
     weights = unet_of(load_file(output_file(server, "diffusion_models", "trained_model")))
     return entry, delta, weights
 
@@ -102,10 +64,10 @@ def test_object_info_lists_every_node_with_its_inputs(comfy) -> None:
         "SaRATrain": {"model", "latents", "positive", "steps", "batch_size", "grad_accumulation", "learning_rate",
                       "budget", "threshold", "rank_loss_weight", "progressive_fraction", "seed", "training_dtype",
                       "gradient_checkpointing", "save_every", "save_prefix", "existing_delta"},
-        "SaRASave": {"delta", "filename", "values_dtype", "overwrite"},
+        "SaRASave": {"delta", "filename_prefix", "values_dtype"},
         "SaRALoader": {"model", "delta_name", "strength"},
         "SaRAApply": {"model", "delta", "strength"},
-        "SaRAMergeCheckpoint": {"ckpt_name", "delta_1", "strength_1", "filename", "overwrite"},
+        "SaRAMergeCheckpoint": {"ckpt_name", "delta_1", "strength_1", "filename_prefix"},
         "SaRAInspect": {"model", "budgets"},
     }
     for node, inputs in expected.items():
@@ -122,7 +84,7 @@ def test_training_lowers_the_loss_on_the_same_draws(comfy, trained) -> None:
     server, _ = comfy
     entry, _, _ = trained
     losses = entry["outputs"]["train"]["sara_loss"]
-    untrained = run_ok(server, train_graph(learning_rate=1e-8))["outputs"]["train"]["sara_loss"]
+    untrained = server.run_ok(train_graph(learning_rate=1e-8))["outputs"]["train"]["sara_loss"]
     assert len(losses) == len(untrained) == 30
     assert losses[0] == pytest.approx(untrained[0], rel=1e-6)  # same draw, same (untouched) model
     ratios = [a / b for a, b in zip(losses[15:], untrained[15:])]
@@ -155,7 +117,7 @@ def test_trained_model_is_base_plus_delta_and_the_base_is_restored(comfy, traine
         changed += int((layer.values != 0).sum())
     assert changed > 0.5 * delta.num_entries
     # The shared ComfyUI model went back to the pretrained weights bit-exactly.
-    run_ok(server, with_model_save({"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}}},
+    server.run_ok(with_model_save({"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}}},
                                    ["ckpt", 0], "after_training"))
     after = unet_of(load_file(output_file(server, "diffusion_models", "after_training")))
     assert all(torch.equal(after[key], base[key]) for key in base)
@@ -165,7 +127,7 @@ def test_periodic_saves_are_complete_deltas(comfy, trained) -> None:
     server, _ = comfy
     _, delta, _ = trained
     files = sorted(p.name for p in (server.base / "models" / "sara").glob("periodic_*"))
-    assert files == ["periodic_001_step15.safetensors", "periodic_001_step30.safetensors"]
+    assert files == ["periodic_00001_step15.safetensors", "periodic_00001_step30.safetensors"]
     last = sara_train.SparseDelta.load(server.base / "models" / "sara" / files[-1])
     first = sara_train.SparseDelta.load(server.base / "models" / "sara" / files[0])
     assert last.layers.keys() == delta.layers.keys()
@@ -179,11 +141,12 @@ def test_sampling_with_the_trained_model_equals_loading_the_saved_delta(comfy, t
     server, _ = comfy
     graph = train_graph()
     graph = {k: v for k, v in graph.items() if k in ("ckpt", "pos")}
-    graph["loader"] = {"class_type": "SaRALoader", "inputs": {"model": ["ckpt", 0], "delta_name": "trained.safetensors",
+    graph["loader"] = {"class_type": "SaRALoader", "inputs": {"model": ["ckpt", 0],
+                                                              "delta_name": saved_delta(server.base, "trained").name,
                                                               "strength": 1.0}}
     with_sampling(graph, ["loader", 0], "loaded")
     with_sampling(graph, ["ckpt", 0], "base")
-    run_ok(server, graph)
+    server.run_ok(graph)
     latent = {name: load_file(output_file(server, "latents", name))["latent_tensor"]
               for name in ("trained", "loaded", "base")}
     assert torch.allclose(latent["trained"], latent["loaded"], atol=1e-5)
@@ -200,7 +163,7 @@ def test_apply_node_and_loss_map_feed_builtin_nodes(comfy) -> None:
     with_model_save(graph, ["apply1", 0], "apply1")
     with_model_save(graph, ["train", 0], "train3")
     graph["plot"] = {"class_type": "LossGraphNode", "inputs": {"loss": ["train", 2], "filename_prefix": "sara_loss"}}
-    entry = run_ok(server, graph)
+    entry = server.run_ok(graph)
     zero = unet_of(load_file(output_file(server, "diffusion_models", "apply0")))
     one = unet_of(load_file(output_file(server, "diffusion_models", "apply1")))
     trained3 = unet_of(load_file(output_file(server, "diffusion_models", "train3")))
@@ -213,9 +176,9 @@ def test_apply_node_and_loss_map_feed_builtin_nodes(comfy) -> None:
 def test_continuing_from_a_delta_includes_it(comfy, trained) -> None:
     server, _ = comfy
     _, delta, _ = trained
-    run_ok(server, with_save(train_graph(steps=2, learning_rate=1e-8, existing_delta="trained.safetensors"),
-                             "continued"))
-    continued = sara_train.SparseDelta.load(server.base / "models" / "sara" / "continued.safetensors")
+    server.run_ok(with_save(train_graph(steps=2, learning_rate=1e-8,
+                                         existing_delta=saved_delta(server.base, "trained").name), "continued"))
+    continued = sara_train.SparseDelta.load(saved_delta(server.base, "continued"))
     assert continued.metadata["steps"] == "32"
     assert continued.base_fingerprint == delta.base_fingerprint
     for key, layer in delta.layers.items():
@@ -235,17 +198,17 @@ def test_per_image_conditioning_trains(comfy) -> None:
     graph["both"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["pos", 0],
                                                                      "conditioning_2": ["pos2", 0]}}
     graph["train"]["inputs"]["positive"] = ["both", 0]
-    entry = run_ok(server, graph)
+    entry = server.run_ok(graph)
     assert len(entry["outputs"]["train"]["sara_loss"]) == 2
     graph["train"]["inputs"]["latents"] = ["enc0", 0]  # 1 image, 2 conditionings: combined, not paired
-    run_ok(server, graph)
+    server.run_ok(graph)
 
 
 def test_default_bf16_training_runs_and_learns(comfy) -> None:
     """The default mixed precision (bf16 compute through ComfyUI's manual cast + autocast)."""
     server, _ = comfy
-    run_ok(server, with_save(train_graph(steps=3, training_dtype="bf16"), "bf16_run"))
-    delta = sara_train.SparseDelta.load(server.base / "models" / "sara" / "bf16_run.safetensors")
+    server.run_ok(with_save(train_graph(steps=3, training_dtype="bf16"), "bf16_run"))
+    delta = sara_train.SparseDelta.load(saved_delta(server.base, "bf16_run"))
     assert delta.metadata["option_training_dtype"] == "bf16"
     values = torch.cat([layer.values.float() for layer in delta.layers.values()])
     assert torch.isfinite(values).all() and (values != 0).float().mean() > 0.5
@@ -261,7 +224,7 @@ def nan_clip_lora(path) -> None:
     ("zero_latents", "all zeros"),
     ("nan_conditioning", "conditioning 1 contains NaN"),
     ("other_model_delta", "delta is for another model"),
-    ("bad_prefix", "save_prefix must be a plain file name"),
+    ("bad_prefix", "filename prefix '../escape' leads outside"),
 ])
 def test_bad_training_inputs_are_node_errors(comfy, case: str, message: str) -> None:
     server, _ = comfy
@@ -296,7 +259,7 @@ def test_cancel_stops_training_keeps_what_was_learned_and_leaves_no_partial_file
     runner = threading.Thread(target=lambda: result.update(entry=server.run(graph, timeout=600)))
     runner.start()
     deadline = time.monotonic() + 300
-    while not list(folder.glob("cancelled_001_step*.safetensors")) and time.monotonic() < deadline:
+    while not list(folder.glob("cancelled_00001_step*.safetensors")) and time.monotonic() < deadline:
         time.sleep(0.2)
     time.sleep(1.0)
     urllib.request.urlopen(urllib.request.Request(server.url + "/interrupt", b"", method="POST"), timeout=30)
@@ -310,7 +273,7 @@ def test_cancel_stops_training_keeps_what_was_learned_and_leaves_no_partial_file
     assert not [p for p in folder.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
     for path in folder.glob("cancelled_*.safetensors"):
         sara_train.SparseDelta.load(path)  # every file is complete
-    final = sara_train.SparseDelta.load(folder / "cancelled_final.safetensors")
+    final = sara_train.SparseDelta.load(saved_delta(server.base, "cancelled_final"))
     assert final.metadata["steps"] == str(steps_done)
     digits = len("5000")
-    assert (folder / f"cancelled_001_step{steps_done:0{digits}d}.safetensors").exists()
+    assert (folder / f"cancelled_00001_step{steps_done:0{digits}d}.safetensors").exists()

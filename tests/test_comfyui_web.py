@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from comfyui_browser import ComfyUIPage
-from comfyui_server import REPO, execution_error
+from tools.comfyui_browser import ComfyUIPage
+from tools.comfyui_graphs import saved_delta
+from tools.comfyui_server import REPO, execution_error
 
 EXAMPLES = REPO / "example_workflows"
 TEST_VALUES = {
@@ -70,7 +71,7 @@ def test_train_example_draws_the_live_loss_chart(comfy, page) -> None:
     page.load(json.loads((EXAMPLES / "sara_train_and_sample.json").read_text()))
     page.set_widgets({**TEST_VALUES, "LoadImage": {"image": "train_0.png"},
                       "SaRATrain": {"steps": TRAIN_STEPS, "training_dtype": "fp32", "save_every": 0},
-                      "SaRASave": {"filename": "web_example", "overwrite": True}})
+                      "SaRASave": {"filename_prefix": "web_example"}})
     page.page.evaluate("() => { window.__saraEvents = []; "
                        "app.api.addEventListener('sara.loss', (e) => window.__saraEvents.push(e.detail)); }")
     page.queue()
@@ -85,7 +86,7 @@ def test_train_example_draws_the_live_loss_chart(comfy, page) -> None:
                                ".properties.sara_loss.length")
     assert saved == TRAIN_STEPS  # kept with the workflow after the run
     wait_until_idle(server)
-    assert (server.base / "models" / "sara" / "web_example.safetensors").exists()
+    assert saved_delta(server.base, "web_example").exists()
     assert list((server.base / "output").glob("sara_*.png")), "the example's SaveImage wrote the sample"
     screenshot(page, "sara_train_workflow.png")
 

@@ -14,7 +14,7 @@ from sara_train.demo.metrics import (
 from sara_train.demo.model import BASE_FOLDER, generate, glyph_grid, load_glyph_model, save_glyph_model
 from sara_train.demo.text import (
     PAD, START, TextEncoder, TextEncoderConfig, glyph_vocabulary, load_text_encoder, save_text_encoder)
-from sara_train.errors import SaRAError
+from sara_train.engine.errors import SaRAError
 
 HELD_OUT_CHARS = "gqzAQW58"
 """A few characters the demo keeps out of its fine-tuning set."""

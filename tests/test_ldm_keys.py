@@ -7,11 +7,12 @@ from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
 from sara_train import SaRAConfig, SparseDelta, inject
-from sara_train.errors import DeltaMismatchError, SaRAError
-from sara_train.keys import resolve_keys
-from sara_train.ldm_keys import (delta_for_unet, delta_to_diffusers_keys, delta_to_ldm_keys,
-                                 diffusers_to_ldm_unet_keys, ldm_to_diffusers_unet_keys, unet_key_naming,
-                                 unet_layout_from_ldm_keys)
+from sara_train.engine.errors import DeltaMismatchError, SaRAError
+from sara_train.engine.apply import fit_delta
+from sara_train.engine.keys import resolve_keys
+from sara_train.families.sd_unet import (delta_to_diffusers_keys, delta_to_ldm_keys, diffusers_to_ldm_unet_keys,
+                                         ldm_to_diffusers_unet_keys, unet_key_naming, unet_layout_from_diffusers_keys,
+                                         unet_layout_from_ldm_keys)
 from tiny_sd import TEXT_WIDTH, tiny_unet
 
 LAYOUT_FIELDS = ("layers_per_block", "down_block_types", "up_block_types", "mid_block_type")
@@ -129,32 +130,57 @@ def test_delta_renaming_round_trips(trained_delta):
     assert back.base_fingerprint == delta.base_fingerprint
 
 
-def test_delta_for_unet_matches_either_naming(trained_delta):
+def shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in tensors.items()}
+
+
+def test_layout_is_read_back_from_diffusers_keys(unet):
+    layout = unet_layout_from_diffusers_keys(unet.state_dict())
+    assert {field: layout[field] for field in LAYOUT_FIELDS} == {
+        field: (list(unet.config[field]) if isinstance(unet.config[field], (list, tuple)) else unet.config[field])
+        for field in LAYOUT_FIELDS}
+
+
+def test_a_delta_fits_either_naming(trained_delta):
+    """One path (``fit_delta``) places a delta of either naming on a diffusers UNet, a ComfyUI model
+    (``diffusion_model.*``) and a checkpoint (``model.diffusion_model.*``)."""
     unet, delta = trained_delta
-    diffusers_keys = list(unet.state_dict())
-    checkpoint_keys = list(ldm_checkpoint(unet))
+    diffusers = shapes(unet.state_dict())
+    checkpoint = shapes(ldm_checkpoint(unet))
+    comfy = {key.replace("model.diffusion_model.", "diffusion_model.", 1): shape for key, shape in checkpoint.items()}
     ldm = delta_to_ldm_keys(delta, unet.config)
-    layout = unet_layout_from_ldm_keys(checkpoint_keys)
-    on_unet = delta_for_unet(ldm, diffusers_keys, "unet", "diffusers", unet.config)
-    assert set(on_unet.layers) == set(delta.layers)
-    on_checkpoint = delta_for_unet(delta, checkpoint_keys, "checkpoint", "ldm", layout)
-    assert set(on_checkpoint.layers) == {"model.diffusion_model." + key for key in ldm.layers}
-    assert set(delta_for_unet(ldm, checkpoint_keys, "checkpoint", "ldm", layout).layers) == set(on_checkpoint.layers)
-    with pytest.raises(DeltaMismatchError, match="layout is unknown"):
-        delta_for_unet(delta, checkpoint_keys, "checkpoint", "ldm")
-    with pytest.raises(DeltaMismatchError, match="not in checkpoint"):
-        delta_for_unet(delta, checkpoint_keys, "checkpoint")
-    sd15 = tiny_unet("sd15")
-    with pytest.raises(DeltaMismatchError, match="another model architecture"):
-        delta_for_unet(delta, sd15.state_dict(), "sd15 checkpoint", "ldm", sd15.config)
+    for naming in (delta, ldm):
+        assert set(fit_delta(naming, diffusers).layers) == set(delta.layers)
+        assert set(fit_delta(naming, checkpoint).layers) == {"model.diffusion_model." + key for key in ldm.layers}
+        assert set(fit_delta(naming, comfy).layers) == {"diffusion_model." + key for key in ldm.layers}
+    on_unet = fit_delta(ldm, diffusers)
+    assert all(on_unet.layers[key] is ldm.layers[ldm_key]
+               for key, ldm_key in diffusers_to_ldm_unet_keys(delta.layers, unet.config).items())
+    other = tiny_unet("sd15") if unet.config.layers_per_block == 2 else deep_unet()  # another architecture
+    with pytest.raises(DeltaMismatchError, match="another model"):
+        fit_delta(delta, shapes(ldm_checkpoint(other)))
+
+
+def test_an_ldm_delta_applies_to_a_diffusers_unet(trained_delta):
+    """The delta renamed to original names, applied to a diffusers ``UNet2DConditionModel``, gives
+    exactly what the diffusers-named delta gives."""
+    unet, delta = trained_delta
+    expected = {k: v.clone() for k, v in unet.state_dict().items()}
+    delta.apply_to(expected)
+    ldm = delta_to_ldm_keys(delta, unet.config, prefix="model.diffusion_model.")
+    restore_point = ldm.apply_to(unet)
+    try:
+        assert all(torch.equal(unet.state_dict()[key], expected[key]) for key in expected)
+    finally:
+        restore_point.restore()
 
 
 def test_a_diffusers_delta_never_lands_in_a_checkpoints_vae(trained_delta):
     """conv_in/conv_out exist under first_stage_model.encoder. too: naming decides, not suffixes."""
     unet, delta = trained_delta
     small = SparseDelta({key: delta.layers[key] for key in ("conv_in.weight", "conv_out.weight")})
-    checkpoint_keys = list(ldm_checkpoint(unet)) + ["first_stage_model.encoder.conv_in.weight",
-                                                     "first_stage_model.encoder.conv_out.weight"]
-    layout = unet_layout_from_ldm_keys(checkpoint_keys)
-    matched = delta_for_unet(small, checkpoint_keys, "checkpoint", "ldm", layout)
+    checkpoint = shapes(ldm_checkpoint(unet))
+    checkpoint |= {"first_stage_model.encoder.conv_in.weight": checkpoint["model.diffusion_model.input_blocks.0.0.weight"],
+                   "first_stage_model.encoder.conv_out.weight": checkpoint["model.diffusion_model.out.2.weight"]}
+    matched = fit_delta(small, checkpoint)
     assert set(matched.layers) == {"model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.out.2.weight"}

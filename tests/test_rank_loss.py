@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import sara_train
-from sara_train.rank_loss import dense_update, nuclear_norm_and_grad
+from sara_train.engine.rank_loss import dense_update, nuclear_norm_and_grad
 
 
 def perturbed_handle(module: nn.Module, seed: int = 0) -> sara_train.SaRAHandle:

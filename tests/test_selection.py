@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import sara_train
-from sara_train.selection import find_targets, kth_smallest_magnitude, select_entries
+from sara_train.engine.selection import find_targets, kth_smallest_magnitude, select_entries
 
 
 def test_kth_smallest_matches_sorting() -> None:

@@ -1,13 +1,14 @@
-"""Resuming a SaRAAdamW from saved state continues bit-identically, across a progressive step."""
+"""Each object gives and takes its own state: a SaRAAdamW (its handle, the sparse weights, the Adam
+moments) restored from ``state_dict()`` on a fresh injection continues bit-identically, across a
+progressive step and through the trainer's safetensors state file."""
 import pytest
 import torch
 from conftest import TinyNet
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 import sara_train
-from sara_train.errors import SaRAError
-from sara_train.train_state import load_training_state, training_state_tensors
+from sara_train.engine.errors import SaRAError
+from sara_train.trainer.state_file import read_state_file, save_state_file
 
 STEPS, PROGRESSIVE_AT = 6, 3
 
@@ -16,7 +17,7 @@ def make_optimizer(seed: int = 0) -> tuple[TinyNet, sara_train.SaRAAdamW]:
     torch.manual_seed(seed)
     model = TinyNet()
     optimizer = sara_train.SaRAAdamW(model, lr=5e-2, budget=0.3, rank_weight=1e-3, rank_layers_per_step=1,
-                                     progressive_at=PROGRESSIVE_AT)
+                                     progressive_at=PROGRESSIVE_AT, weight_decay=0.1)
     return model, optimizer
 
 
@@ -43,10 +44,12 @@ def test_resume_is_bit_exact(tmp_path, batch, stop_at: int) -> None:
 
     first, first_optimizer = make_optimizer()
     run_steps(first, first_optimizer, range(stop_at), batch)
-    save_file(training_state_tensors(first_optimizer), str(tmp_path / "state.safetensors"))
+    save_state_file(tmp_path / "state.safetensors", first_optimizer.state_dict(), {"note": "test"})
 
     resumed, resumed_optimizer = make_optimizer()
-    load_training_state(resumed_optimizer, load_file(str(tmp_path / "state.safetensors")))
+    state, metadata = read_state_file(tmp_path / "state.safetensors")
+    assert metadata == {"note": "test"}
+    resumed_optimizer.load_state_dict(state)
     assert_same_delta(resumed_optimizer.handle.delta(), first_optimizer.handle.delta())
     torch.testing.assert_close(resumed(batch[0]), first(batch[0]), rtol=0, atol=0)
     run_steps(resumed, resumed_optimizer, range(stop_at, STEPS), batch)
@@ -54,10 +57,23 @@ def test_resume_is_bit_exact(tmp_path, batch, stop_at: int) -> None:
     assert resumed_optimizer.handle.num_trainable == optimizer.handle.num_trainable < 0.3 * optimizer.handle.num_targeted
 
 
+def test_the_sparse_weight_and_the_model_carry_their_state(batch) -> None:
+    """``SparseUpdate.load_state_dict`` takes a state of another size (after re-selection), also
+    through the model's own ``load_state_dict``: the injected model is restored as a whole."""
+    model, optimizer = make_optimizer()
+    run_steps(model, optimizer, range(STEPS), batch)
+    saved = model.state_dict()
+    fresh, _ = make_optimizer()
+    fresh.load_state_dict(saved)
+    torch.testing.assert_close(fresh(batch[0]), model(batch[0]), rtol=0, atol=0)
+
+
 def test_state_of_another_base_is_refused(batch) -> None:
     model, optimizer = make_optimizer(seed=0)
     run_steps(model, optimizer, range(1), batch)
-    state = training_state_tensors(optimizer)
-    _, other_optimizer = make_optimizer(seed=1)
-    with pytest.raises(SaRAError, match="other base weights|does not match"):
-        load_training_state(other_optimizer, state)
+    state = optimizer.state_dict()
+    other_model, other_optimizer = make_optimizer(seed=1)
+    before = {k: v.clone() for k, v in other_model.state_dict().items()}
+    with pytest.raises(SaRAError, match="other base weights"):
+        other_optimizer.load_state_dict(state)
+    assert all(torch.equal(v, before[k]) for k, v in other_model.state_dict().items())

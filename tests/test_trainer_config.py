@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from sara_train.errors import SaRAError
+from sara_train.engine.errors import SaRAError
 from sara_train.trainer.config import TrainConfig, add_train_arguments, config_from_arguments
 
 

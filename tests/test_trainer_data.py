@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sara_train.errors import SaRAError
+from sara_train.engine.errors import SaRAError
 from sara_train.trainer.cache import build_examples
 from sara_train.trainer.data import DatasetItem, load_image, scan_dataset, validate_images, with_prefix
 from sara_train.trainer.types import PromptEmbedding

@@ -9,8 +9,8 @@ from PIL import Image
 from tiny_sd import TEXT_WIDTH, tiny_unet
 
 from sara_train import SparseDelta
-from sara_train.errors import SaRAError
-from sara_train.trainer.config import TrainConfig
+from sara_train.engine.errors import SaRAError
+from sara_train.trainer.config import LoopConfig
 from sara_train.trainer.logs import read_loss_log
 from sara_train.trainer.loop import learning_rate_at, run_training
 from sara_train.trainer.types import PromptEmbedding, TrainingExample
@@ -22,14 +22,14 @@ def make_examples(count: int = 6) -> list[TrainingExample]:
     return [TrainingExample(torch.randn(4, 8, 8, generator=generator), prompts[i % 2]) for i in range(count)]
 
 
-def make_config(tmp_path: Path, **overrides) -> TrainConfig:
-    settings = dict(base="tiny", data="tiny", output_dir=str(tmp_path / "run"), steps=8, batch_size=2,
+def make_config(tmp_path: Path, **overrides) -> LoopConfig:
+    settings = dict(output_dir=str(tmp_path / "run"), steps=8, batch_size=2,
                     grad_accumulation=2, learning_rate=3e-3, budget=0.2, rank_weight=1e-3, warmup_steps=2,
                     lr_schedule="cosine", log_every=3, seed=5)
-    return TrainConfig(**{**settings, **overrides})
+    return LoopConfig(**{**settings, **overrides})
 
 
-def train(config: TrainConfig, **kwargs):
+def train(config: LoopConfig, **kwargs):
     torch.manual_seed(0)
     unet = tiny_unet("sd15")
     scheduler = DDPMScheduler(num_train_timesteps=1000)
@@ -37,7 +37,7 @@ def train(config: TrainConfig, **kwargs):
 
 
 def test_learning_rate_schedule() -> None:
-    config = TrainConfig(base="b", data="d", steps=10, warmup_steps=2, lr_schedule="linear", learning_rate=1.0)
+    config = LoopConfig(steps=10, warmup_steps=2, lr_schedule="linear", learning_rate=1.0)
     assert [round(learning_rate_at(s, config), 3) for s in (0, 1, 2, 6, 9)] == [0.5, 1.0, 1.0, 0.5, 0.125]
     cosine = replace(config, lr_schedule="cosine", warmup_steps=0)
     assert learning_rate_at(0, cosine) == 1.0 and learning_rate_at(5, cosine) == pytest.approx(0.5)

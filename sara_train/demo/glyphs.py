@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from ..errors import SaRAError
+from ..engine.errors import SaRAError
 
 GLYPH_SIZE = 32
 """Side of a glyph image in pixels."""

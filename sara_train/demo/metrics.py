@@ -15,7 +15,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from ..errors import SaRAError
+from ..engine.errors import SaRAError
 from .glyphs import ALL_FONTS, CHARACTERS, GLYPH_SIZE, Font, character_index, render_font, render_glyphs
 
 BLUR_SIGMA = 1.0

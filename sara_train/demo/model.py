@@ -25,14 +25,14 @@ from PIL import Image, ImageDraw, ImageFont
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from ..errors import SaRAError
-from ..files import atomic_output, read_safetensors_header
+from ..engine.errors import SaRAError
+from ..engine.files import atomic_output, read_safetensors_header
 from .glyphs import GLYPH_SIZE, PRETRAINING_FONTS
 from .text import TextEncoder, TextEncoderConfig, glyph_vocabulary, load_text_encoder, save_text_encoder
 
 FORMAT_NAME = "sara-glyph-model"
 BASE_FOLDER = Path(__file__).parent / "base"
-"""The committed pretrained base (made by ``scripts/pretrain_glyph_base.py``)."""
+"""The committed pretrained base (made by ``tools/pretrain_glyph_base.py``; its config.json records the original command, run from scripts/)."""
 CONFIG_FILE = "config.json"
 UNET_FILE = "unet.safetensors"
 UNET_CONFIG: dict = {

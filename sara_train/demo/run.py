@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import SaRAError
-from ..trainer.config import TrainConfig
+from ..engine.errors import SaRAError
+from ..trainer.config import LoopConfig
 from ..trainer.interrupts import Interrupted, StopSignals
 from ..trainer.loop import TrainResult, run_training
 from ..trainer.types import PromptEmbedding, TrainingExample
@@ -43,13 +43,11 @@ class DemoReport:
     distance_to_target_after: float
 
 
-def demo_config(output_dir: Path, steps: int, seed: int, resume: bool = False) -> TrainConfig:
+def demo_config(output_dir: Path, steps: int, seed: int, resume: bool = False) -> LoopConfig:
     """The fine-tune's settings (chosen to finish in a few minutes on 2 CPU cores)."""
-    return TrainConfig(base=str(BASE_FOLDER), data=f"{HELD_OUT_FONT.file_name}: {FINETUNE_CHARACTERS}",
-                       output_dir=str(output_dir), steps=steps, batch_size=16, learning_rate=2e-3,
-                       budget=0.05, rank_weight=1e-4, rank_layers_per_step=8, progressive_fraction=0.5,
-                       seed=seed, log_every=10, key_format="diffusers", delta_dtype="fp16", device="cpu",
-                       resume=resume)
+    return LoopConfig(output_dir=str(output_dir), steps=steps, batch_size=16, learning_rate=2e-3, budget=0.05,
+                      rank_weight=1e-4, rank_layers_per_step=8, progressive_fraction=0.5, seed=seed, log_every=10,
+                      delta_dtype="fp16", resume=resume)
 
 
 def finetune_examples(model: GlyphModel, chars: str) -> list[TrainingExample]:

@@ -23,8 +23,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
-from ..errors import SaRAError
-from ..files import atomic_output, read_safetensors_header
+from ..engine.errors import SaRAError
+from ..engine.files import atomic_output, read_safetensors_header
 from .glyphs import ALL_FONTS, CHARACTERS
 
 START = "<start>"

@@ -35,8 +35,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from ..errors import SaRAError
-from ..files import atomic_output, read_safetensors_header
+from ..engine.errors import SaRAError
+from ..engine.files import atomic_output, read_safetensors_header
 from .data import CropMode, DatasetItem, LoadedImage, check_image_options, load_image_variants, validate_images
 from .types import PromptEmbedding, TrainingExample
 

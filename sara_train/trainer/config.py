@@ -1,8 +1,10 @@
-"""``TrainConfig``: every option of ``sara-train train``, from a TOML file and/or command-line flags.
+"""``LoopConfig`` (what the training loop reads) and ``TrainConfig`` (every option of ``sara-train
+train``), from a TOML file and/or command-line flags.
 
-The dataclass is the single source of truth: each field's ``help`` becomes its ``--flag`` help,
-and a TOML file uses the same names (``learning_rate = 1e-4``; dashes or underscores). Flags given
-on the command line override the file; anything given in neither keeps its default here.
+The dataclasses are the single source of truth: each field's ``help`` becomes its ``--flag`` help
+(and its ``choices`` the flag's), and a TOML file uses the same names (``learning_rate = 1e-4``;
+dashes or underscores). Flags given on the command line override the file; anything given in
+neither keeps its default here.
 """
 from __future__ import annotations
 
@@ -11,57 +13,43 @@ import dataclasses
 import math
 import re
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import SaRAError
+from ..engine.delta import DTYPES
+from ..engine.errors import SaRAError
 
-CHOICES = {
-    "crop": ("center", "random"),
-    "lr_schedule": ("constant", "linear", "cosine"),
-    "mixed_precision": ("no", "fp16", "bf16"),
-    "delta_dtype": ("fp16", "bf16", "fp32"),
-    "key_format": ("ldm", "diffusers"),
-}
+GROUPS = ("inputs", "images", "optimisation", "sara", "outputs")
+"""The ``--help`` sections, in order."""
 
 
-def option(default: Any, help: str, group: str) -> Any:
+def option(default: Any, help: str, group: str, choices: tuple[str, ...] = ()) -> Any:
     factory = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
-    return field(metadata={"help": help, "group": group}, **factory)
+    return field(metadata={"help": help, "group": group, "choices": choices}, **factory)
 
 
 @dataclass
-class TrainConfig:
-    """Options of one training run. ``validate()`` checks them; the trainer calls it."""
+class LoopConfig:
+    """The options ``run_training`` reads: optimisation, SaRA selection, and the run folder's saves.
+    ``validate()`` checks them (the loop calls it)."""
 
-    # -- inputs
-    base: str = option("", "Base model: a diffusers folder (model_index.json) or a single-file .safetensors checkpoint.", "inputs")
-    base_config: str | None = option(None, "For a single-file base: a local diffusers folder of the same architecture whose configs and tokenizers are used (no download).", "inputs")
-    data: str = option("", "Training images folder: same-name .txt captions (kohya) or a metadata.jsonl (diffusers).", "inputs")
-    caption_prefix: str = option("", "Prepended to every caption (a trigger word), joined with ', '.", "inputs")
-    caption_extension: str = option(".txt", "Extension of caption files next to the images.", "inputs")
     output_dir: str = option("sara-output", "Where deltas, samples, the loss log/plot and the resume state go.", "inputs")
-    # -- images
-    resolution: int = option(512, "Square training resolution in pixels (a multiple of 8).", "images")
-    crop: str = option("center", "How images are cropped to the square: center or random.", "images")
-    random_crop_variants: int = option(4, "With --crop random: fixed random crops cached per image.", "images")
-    flip: bool = option(False, "Also train on horizontally mirrored images.", "images")
-    cache_dir: str | None = option(None, "Latent/text-embedding cache (reused while inputs are unchanged); default: $XDG_CACHE_HOME/sara-train.", "images")
-    cache: bool = option(True, "Cache encoded latents and prompts on disk (--no-cache: in memory only).", "images")
     # -- optimisation
     steps: int = option(1000, "Optimizer steps.", "optimisation")
     batch_size: int = option(1, "Images per step per process.", "optimisation")
     grad_accumulation: int = option(1, "Micro-batches accumulated per optimizer step.", "optimisation")
     learning_rate: float = option(1e-4, "Peak AdamW learning rate.", "optimisation")
-    lr_schedule: str = option("constant", "After warm-up: constant, linear (to 0) or cosine (to 0).", "optimisation")
+    lr_schedule: str = option("constant", "After warm-up: constant, linear (to 0) or cosine (to 0).", "optimisation",
+                              ("constant", "linear", "cosine"))
     warmup_steps: int = option(0, "Linear warm-up from 0 over this many steps.", "optimisation")
     weight_decay: float = option(0.0, "Decoupled decay of the learned update toward the pretrained weights (not of the weights toward zero).", "optimisation")
     seed: int = option(0, "Seed for data order, noise and timesteps (0 to 2**63 - 1).", "optimisation")
-    mixed_precision: str = option("no", "no, fp16 (GPU) or bf16: base weights and activations in this dtype, fp32 master values.", "optimisation")
-    device: str = option("auto", "cuda, cuda:N, cpu, or auto (the GPU if there is one; each process's own under accelerate launch).", "optimisation")
+    mixed_precision: str = option("no", "no, fp16 (GPU) or bf16: base weights and activations in this dtype, fp32 master values.", "optimisation",
+                                  ("no", "fp16", "bf16"))
     gradient_checkpointing: bool = option(False, "Recompute activations in backward (less memory, ~30% slower).", "optimisation")
     # -- SaRA
     budget: float | None = option(None, "Fraction (0, 1] of the targeted weights to train, smallest |w| first (default 0.05 unless --threshold).", "sara")
@@ -75,37 +63,18 @@ class TrainConfig:
     save_every: int = option(0, "Also save the delta and the resume state every N steps (0: only at the end).", "outputs")
     log_every: int = option(10, "Flush the loss CSV and redraw the loss plot every N steps.", "outputs")
     sample_every: int = option(0, "Render the validation prompts every N steps (0: only at the end, if prompts are given).", "outputs")
-    sample_prompts: list[str] = option([], "Validation prompts (repeatable).", "outputs")
-    sample_steps: int = option(20, "Denoising steps per validation image.", "outputs")
-    sample_guidance: float = option(7.5, "Classifier-free guidance scale of validation images.", "outputs")
-    sample_seed: int = option(0, "Seed of the validation images (the same every time).", "outputs")
-    delta_dtype: str = option("fp16", "Dtype of the saved delta values: fp16, bf16 or fp32.", "outputs")
-    key_format: str = option("ldm", "Weight names in the delta: ldm (ComfyUI / single-file checkpoints) or diffusers.", "outputs")
+    delta_dtype: str = option("fp16", "Dtype of the saved delta values: fp16, bf16 or fp32.", "outputs", tuple(DTYPES))
     resume: bool = option(False, "Continue the run in --output-dir from its last saved state.", "outputs")
 
     def validate(self) -> None:
-        """Raise ``SaRAError`` naming the first bad option. Everything that can be checked without
-        loading the model or reading the data is checked here, before any work starts."""
-        if not self.base:
-            raise SaRAError("no base model: pass --base (a diffusers folder or a .safetensors checkpoint)")
-        if not self.data:
-            raise SaRAError("no training data: pass --data (a folder of images with captions)")
-        for name, choices in CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise SaRAError(f"--{flag(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
-        for name in ("steps", "batch_size", "grad_accumulation", "resolution", "random_crop_variants", "log_every",
-                     "sample_steps"):
+        """Raise ``SaRAError`` naming the first bad option."""
+        check_fields(self, dataclasses.fields(LoopConfig))
+        for name in ("steps", "batch_size", "grad_accumulation", "log_every"):
             if getattr(self, name) < 1:
                 raise SaRAError(f"--{flag(name)} must be >= 1, got {getattr(self, name)}")
-        for spec in dataclasses.fields(self):
-            value = getattr(self, spec.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise SaRAError(f"--{flag(spec.name)} must be a finite number, got {value}")
         for name in ("warmup_steps", "save_every", "sample_every", "weight_decay", "rank_weight"):
             if getattr(self, name) < 0:
                 raise SaRAError(f"--{flag(name)} must be >= 0, got {getattr(self, name)}")
-        if self.resolution % 8:
-            raise SaRAError(f"--resolution must be a multiple of 8, got {self.resolution}")
         if not self.learning_rate > 0:
             raise SaRAError(f"--learning-rate must be > 0, got {self.learning_rate}")
         if not 0 <= self.progressive_fraction < 1:
@@ -119,19 +88,19 @@ class TrainConfig:
         if self.rank_layers_per_step is not None and self.rank_layers_per_step < 1:
             raise SaRAError(f"--rank-layers-per-step must be >= 1 (leave it out for all layers), "
                             f"got {self.rank_layers_per_step}")
-        for name in ("seed", "sample_seed"):
-            if not 0 <= getattr(self, name) < 2**63:
-                raise SaRAError(f"--{flag(name)} must be in [0, 2**63), got {getattr(self, name)}")
-        if self.caption_extension.strip(".") == "" or "/" in self.caption_extension:
-            raise SaRAError(f"--caption-extension must be a file extension such as .txt, got "
-                            f"{self.caption_extension!r}")
+        if not 0 <= self.seed < 2**63:
+            raise SaRAError(f"--seed must be in [0, 2**63), got {self.seed}")
         for name in ("include", "exclude"):
             for pattern in getattr(self, name):
                 try:
                     re.compile(pattern)
                 except re.error as error:
                     raise SaRAError(f"--{name} {pattern!r} is not a valid regular expression ({error})") from None
-        parse_device(self.device)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of base weights and activations during training (``mixed_precision``)."""
+        return torch.float32 if self.mixed_precision == "no" else DTYPES[self.mixed_precision]
 
     @property
     def progressive_at(self) -> int | None:
@@ -141,6 +110,71 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """Every option of ``sara-train train``: the loop's (``LoopConfig``) plus the base model, the
+    dataset, its encoding and the validation samples. ``validate()`` checks them all."""
+
+    # -- inputs
+    base: str = option("", "Base model: a diffusers folder (model_index.json) or a single-file .safetensors checkpoint.", "inputs")
+    base_config: str | None = option(None, "For a single-file base: a local diffusers folder of the same architecture whose configs and tokenizers are used (no download).", "inputs")
+    data: str = option("", "Training images folder: same-name .txt captions (kohya) or a metadata.jsonl (diffusers).", "inputs")
+    caption_prefix: str = option("", "Prepended to every caption (a trigger word), joined with ', '.", "inputs")
+    caption_extension: str = option(".txt", "Extension of caption files next to the images.", "inputs")
+    # -- images
+    resolution: int = option(512, "Square training resolution in pixels (a multiple of 8).", "images")
+    crop: str = option("center", "How images are cropped to the square: center or random.", "images", ("center", "random"))
+    random_crop_variants: int = option(4, "With --crop random: fixed random crops cached per image.", "images")
+    flip: bool = option(False, "Also train on horizontally mirrored images.", "images")
+    cache_dir: str | None = option(None, "Latent/text-embedding cache (reused while inputs are unchanged); default: $XDG_CACHE_HOME/sara-train.", "images")
+    cache: bool = option(True, "Cache encoded latents and prompts on disk (--no-cache: in memory only).", "images")
+    # -- optimisation
+    device: str = option("auto", "cuda, cuda:N, cpu, or auto (the GPU if there is one; each process's own under accelerate launch).", "optimisation")
+    # -- outputs
+    sample_prompts: list[str] = option([], "Validation prompts (repeatable).", "outputs")
+    sample_steps: int = option(20, "Denoising steps per validation image.", "outputs")
+    sample_guidance: float = option(7.5, "Classifier-free guidance scale of validation images.", "outputs")
+    sample_seed: int = option(0, "Seed of the validation images (the same every time).", "outputs")
+    key_format: str = option("ldm", "Weight names in the delta: ldm (ComfyUI / single-file checkpoints) or diffusers.", "outputs",
+                             ("ldm", "diffusers"))
+
+    def validate(self) -> None:
+        """Raise ``SaRAError`` naming the first bad option. Everything that can be checked without
+        loading the model or reading the data is checked here, before any work starts."""
+        if not self.base:
+            raise SaRAError("no base model: pass --base (a diffusers folder or a .safetensors checkpoint)")
+        if not self.data:
+            raise SaRAError("no training data: pass --data (a folder of images with captions)")
+        super().validate()
+        check_fields(self, [spec for spec in dataclasses.fields(TrainConfig) if spec.name not in LOOP_FIELDS])
+        for name in ("resolution", "random_crop_variants", "sample_steps"):
+            if getattr(self, name) < 1:
+                raise SaRAError(f"--{flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.resolution % 8:
+            raise SaRAError(f"--resolution must be a multiple of 8, got {self.resolution}")
+        if not 0 <= self.sample_seed < 2**63:
+            raise SaRAError(f"--sample-seed must be in [0, 2**63), got {self.sample_seed}")
+        if self.caption_extension.strip(".") == "" or "/" in self.caption_extension:
+            raise SaRAError(f"--caption-extension must be a file extension such as .txt, got "
+                            f"{self.caption_extension!r}")
+        parse_device(self.device)
+
+
+def check_fields(config: LoopConfig, specs: Iterable[dataclasses.Field]) -> None:
+    """``SaRAError`` for a field among ``specs`` whose value is outside its choices or a float that
+    is not finite."""
+    for spec in specs:
+        value = getattr(config, spec.name)
+        choices = spec.metadata["choices"]
+        if choices and value not in choices:
+            raise SaRAError(f"--{flag(spec.name)} must be one of {', '.join(choices)}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SaRAError(f"--{flag(spec.name)} must be a finite number, got {value}")
+
+
+LOOP_FIELDS = frozenset(spec.name for spec in dataclasses.fields(LoopConfig))
 
 
 def parse_device(name: str) -> torch.device | None:
@@ -167,10 +201,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--config FILE`` and one flag per ``TrainConfig`` field; defaults are ``SUPPRESS`` so
     only flags actually given override the file."""
     parser.add_argument("--config", type=Path, help="TOML file with any of the options below (flags override it).")
-    groups: dict[str, argparse._ArgumentGroup] = {}
+    groups = {name: parser.add_argument_group(name) for name in GROUPS}
     for spec in dataclasses.fields(TrainConfig):
-        group_name = spec.metadata["group"]
-        group = groups.setdefault(group_name, parser.add_argument_group(group_name))
+        group = groups[spec.metadata["group"]]
         default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
         help_text = spec.metadata["help"] + ("" if default in (None, "", [], False) else f" [default: {default}]")
         kwargs: dict[str, Any] = {"dest": spec.name, "default": argparse.SUPPRESS, "help": help_text}
@@ -180,8 +213,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["action"] = "append"
         else:
             kwargs["type"] = {"int": int, "float": float, "int | None": int, "float | None": float}.get(spec.type, str)
-            if spec.name in CHOICES:
-                kwargs["choices"] = CHOICES[spec.name]
+            if spec.metadata["choices"]:
+                kwargs["choices"] = spec.metadata["choices"]
         group.add_argument(f"--{flag(spec.name)}", **kwargs)
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ..errors import SaRAError
+from ..engine.errors import SaRAError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 METADATA_FILE = "metadata.jsonl"

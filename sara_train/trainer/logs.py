@@ -1,13 +1,12 @@
-"""The loss log of a run: one CSV row per optimizer step, and a PNG plot of it."""
+"""The loss log of a run: one CSV row per optimizer step (plotted by ``sara_train.plots.loss``)."""
 from __future__ import annotations
 
 import csv
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
-from ..files import atomic_output
+from ..engine.files import atomic_output
 
-SMOOTHING = 0.9
 
 
 @dataclass
@@ -37,34 +36,3 @@ def write_loss_log(path: Path, rows: list[LossRow]) -> None:
         writer = csv.writer(file)
         writer.writerow([spec.name for spec in fields(LossRow)])
         writer.writerows(astuple(row) for row in rows)
-
-
-def smoothed(values: list[float], factor: float = SMOOTHING) -> list[float]:
-    """Bias-corrected exponential moving average (as TensorBoard draws it)."""
-    result, average = [], 0.0
-    for i, value in enumerate(values, start=1):
-        average = factor * average + (1 - factor) * value
-        result.append(average / (1 - factor ** i))
-    return result
-
-
-def plot_loss(path: Path, rows: list[LossRow], title: str = "SaRA training loss") -> None:
-    """Save a PNG of the loss per step (raw and smoothed) to ``path`` atomically."""
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    steps = [row.step for row in rows]
-    losses = [row.loss for row in rows]
-    figure, axes = pyplot.subplots(figsize=(7, 3.6), dpi=100)
-    axes.plot(steps, losses, color="#9db4e0", linewidth=0.8, label="loss")
-    axes.plot(steps, smoothed(losses), color="#1f4fb4", linewidth=1.8, label=f"smoothed ({SMOOTHING})")
-    axes.set_xlabel("step")
-    axes.set_ylabel("denoising loss (MSE)")
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    with atomic_output(path) as temp:
-        figure.savefig(temp, format="png")
-    pyplot.close(figure)

@@ -24,24 +24,22 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from PIL import Image
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import SaRAConfig
-from ..delta import SparseDelta
-from ..errors import SaRAError
-from ..files import atomic_output, check_writable_folder, read_safetensors_header
-from ..model import SaRAHandle
-from ..optim import SaRAAdamW
-from ..train_state import load_training_state, training_state_tensors
-from .config import TrainConfig
+from ..engine.config import SaRAConfig
+from ..engine.delta import DTYPES, SparseDelta
+from ..engine.errors import SaRAError
+from ..engine.files import atomic_output, check_writable_folder, read_safetensors_header
+from ..engine.handle import SaRAHandle
+from ..engine.optim import SaRAAdamW
+from .config import LoopConfig
 from .interrupts import Interrupted, StopSignals
-from .logs import LossRow, plot_loss, read_loss_log, write_loss_log
+from ..plots.loss import plot_loss
+from .logs import LossRow, read_loss_log, write_loss_log
+from .state_file import read_state_file, save_state_file
 from .types import TrainingExample
 
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 RESUME_INDEPENDENT = {"output_dir", "resume", "save_every", "log_every", "sample_every", "sample_prompts",
                       "sample_steps", "sample_guidance", "sample_seed", "cache_dir", "cache", "delta_dtype",
                       "key_format", "base_config", "device"}
@@ -105,7 +103,7 @@ class RunFolder:
         return self.root / "samples" / f"step{step:06d}.png"
 
 
-def learning_rate_at(step: int, config: TrainConfig) -> float:
+def learning_rate_at(step: int, config: LoopConfig) -> float:
     """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then the schedule."""
     if step < config.warmup_steps:
         return config.learning_rate * (step + 1) / config.warmup_steps
@@ -188,7 +186,7 @@ def check_run_folder(folder: RunFolder, resume: bool) -> None:
                         f"--save-every steps, on Ctrl-C and at the end")
 
 
-def run_training(unet: nn.Module, noise_scheduler, examples: Sequence[TrainingExample], config: TrainConfig,
+def run_training(unet: nn.Module, noise_scheduler, examples: Sequence[TrainingExample], config: LoopConfig,
                  render_samples: Callable[[int], list[Image.Image]] | None = None,
                  delta_metadata: dict[str, str] | None = None,
                  convert_delta: Callable[[SparseDelta], SparseDelta] | None = None,
@@ -215,7 +213,7 @@ def run_training(unet: nn.Module, noise_scheduler, examples: Sequence[TrainingEx
     folder = RunFolder(Path(config.output_dir))
     check_run_folder(folder, config.resume)
     device = next(unet.parameters()).device
-    compute_dtype = DTYPES[config.mixed_precision]
+    compute_dtype = config.compute_dtype
     if config.mixed_precision == "fp16" and device.type != "cuda":
         raise SaRAError("--mixed-precision fp16 needs a CUDA GPU (use bf16 or no on CPU)")
     with StopSignals() as signals:
@@ -244,7 +242,7 @@ class TrainingRun:
     """The state of one ``run_training`` call: model, optimizer, noise generator, losses, and the
     run folder's saves. ``train`` is the loop."""
 
-    def __init__(self, unet: nn.Module, noise_scheduler, examples: Sequence[TrainingExample], config: TrainConfig,
+    def __init__(self, unet: nn.Module, noise_scheduler, examples: Sequence[TrainingExample], config: LoopConfig,
                  folder: RunFolder, optimizer: SaRAAdamW, signals: StopSignals, metadata: dict[str, str],
                  convert_delta: Callable[[SparseDelta], SparseDelta] | None, data_fingerprint: str | None) -> None:
         self.unet, self.noise_scheduler, self.examples, self.config = unet, noise_scheduler, examples, config
@@ -424,7 +422,7 @@ def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
 def write_logs(folder: RunFolder, losses: list[LossRow]) -> None:
     write_loss_log(folder.loss_csv, losses)
     if losses:
-        plot_loss(folder.loss_png, losses)
+        plot_loss(folder.loss_png, [row.step for row in losses], [row.loss for row in losses])
 
 
 def save_samples(path: Path, unet: nn.Module, render_samples: Callable[[int], list[Image.Image]], step: int) -> None:
@@ -450,51 +448,59 @@ PATH_OPTIONS = ("base", "data", "base_config", "output_dir", "cache_dir")
 
 
 def comparable_options(options: dict) -> dict:
-    """``options`` (``TrainConfig.to_dict()``) with path options resolved to absolute paths."""
+    """``options`` (``LoopConfig.to_dict()`` or a subclass's) with path options resolved to absolute paths."""
     return {name: str(Path(value).expanduser().resolve()) if name in PATH_OPTIONS and value else value
             for name, value in options.items()}
 
 
-def save_state(folder: RunFolder, step: int, config: TrainConfig, optimizer: SaRAAdamW,
+def save_state(folder: RunFolder, step: int, config: LoopConfig, optimizer: SaRAAdamW,
                noise_generator: torch.Generator, scaler: torch.amp.GradScaler | None,
                distributed: Distributed, data_fingerprint: str | None) -> None:
-    """Write everything needed to continue after ``step`` to ``folder.state`` (atomically)."""
-    tensors = training_state_tensors(optimizer)
-    tensors["::noise_generator"] = noise_generator.get_state()
+    """Write everything needed to continue after ``step`` to ``folder.state`` (atomically): the
+    optimizer's state (SaRA's selection, values and Adam moments), the noise generator and the
+    loss scaler, with the step, options and data fingerprint as metadata."""
+    state = {"optimizer": optimizer.state_dict(), "noise_generator": noise_generator.get_state(),
+             "grad_scaler": scaler.state_dict() if scaler is not None else None}
     metadata = {"step": str(step), "config": json.dumps(comparable_options(config.to_dict())),
                 "world_size": str(distributed.world)}
     if data_fingerprint is not None:
         metadata["data_fingerprint"] = data_fingerprint
-    if scaler is not None:
-        metadata["grad_scaler"] = json.dumps({k: float(v) if torch.is_tensor(v) else v
-                                              for k, v in scaler.state_dict().items()})
-    with atomic_output(folder.state) as temp:
-        save_file(tensors, str(temp), metadata=metadata)
+    save_state_file(folder.state, state, metadata)
 
 
-def read_state(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """``(metadata, tensors)`` of a saved state; ``SaRAError`` if the file is missing, truncated,
-    not safetensors or lacks the step, options or noise generator."""
-    header = read_safetensors_header(path)
+def saved_data_fingerprint(folder: RunFolder) -> str | None:
+    """The data fingerprint a saved run recorded (read from the state file's header only), or None."""
+    if not folder.state.exists():
+        return None
+    return read_safetensors_header(folder.state).metadata.get("data_fingerprint")
+
+
+def data_changed_message(folder: RunFolder, data: str = "training data") -> str:
+    return (f"--resume: the {data} changed since the run in {folder.root} was saved (images or captions differ); "
+            f"resume with the same data or start a new run")
+
+
+def read_state(path: Path) -> tuple[dict, dict[str, str]]:
+    """``(state, metadata)`` of a saved run; ``SaRAError`` if the file is missing, truncated, not
+    safetensors or lacks the step, options, optimizer or noise generator."""
+    state, metadata = read_state_file(path)
     try:
-        with safe_open(str(path), "pt") as file:
-            tensors = {key: file.get_tensor(key) for key in file.keys()}
-        int(header.metadata["step"]), int(header.metadata["world_size"]), json.loads(header.metadata["config"])
-        tensors["::noise_generator"]
-    except (SafetensorError, OSError, KeyError, ValueError) as error:
-        raise SaRAError(f"--resume: the saved state {path} is damaged ({type(error).__name__}: {error}); resume "
-                        f"from an earlier copy or start a new run") from None
-    return header.metadata, tensors
+        int(metadata["step"]), int(metadata["world_size"]), json.loads(metadata["config"])
+        state["optimizer"]["sara"], state["noise_generator"]
+    except (KeyError, TypeError, ValueError) as error:
+        raise SaRAError(f"--resume: the saved state {path} is damaged (no {error}); resume from an earlier copy "
+                        f"or start a new run") from None
+    return state, metadata
 
 
-def resume_from(folder: RunFolder, config: TrainConfig, optimizer: SaRAAdamW, noise_generator: torch.Generator,
+def resume_from(folder: RunFolder, config: LoopConfig, optimizer: SaRAAdamW, noise_generator: torch.Generator,
                 scaler: torch.amp.GradScaler | None, distributed: Distributed,
                 data_fingerprint: str | None) -> tuple[int, list[LossRow]]:
     """Load ``folder.state`` into the optimizer and generator; returns ``(step, loss rows so far)``.
 
     Refused (``SaRAError``) when the options that change the math differ, the training data
     changed (``data_fingerprint``), the process count differs, or the files are damaged."""
-    metadata, tensors = read_state(folder.state)
+    state, metadata = read_state(folder.state)
     saved = json.loads(metadata["config"])
     current = comparable_options(config.to_dict())
     saved = comparable_options(saved) if isinstance(saved, dict) else {}
@@ -506,15 +512,14 @@ def resume_from(folder: RunFolder, config: TrainConfig, optimizer: SaRAAdamW, no
                         f"the same options")
     saved_data = metadata.get("data_fingerprint")
     if data_fingerprint is not None and saved_data is not None and saved_data != data_fingerprint:
-        raise SaRAError(f"--resume: the training data in {config.data} changed since the run in {folder.root} was "
-                        f"saved (images or captions differ); resume with the same data or start a new run")
+        raise SaRAError(data_changed_message(folder))
     if int(metadata["world_size"]) != distributed.world:
         raise SaRAError(f"--resume: the run was saved with {metadata['world_size']} processes, now {distributed.world}")
     step = int(metadata["step"])
-    noise_generator.set_state(tensors.pop("::noise_generator"))
-    load_training_state(optimizer, tensors, where=str(folder.state))
-    if scaler is not None and "grad_scaler" in metadata:
-        scaler.load_state_dict(json.loads(metadata["grad_scaler"]))
+    noise_generator.set_state(state["noise_generator"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state["grad_scaler"] is not None:
+        scaler.load_state_dict(state["grad_scaler"])
     losses = [row for row in read_loss_log(folder.loss_csv) if row.step <= step]
     if len(losses) != step:
         raise SaRAError(f"--resume: {folder.loss_csv} has {len(losses)} rows up to step {step}; the run folder "

@@ -12,14 +12,15 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..errors import SaRAError
-from ..ldm_keys import delta_to_ldm_keys
-from .base import BaseModel, load_base
+from ..engine.errors import SaRAError
+from ..families.sd_unet import delta_to_ldm_keys
+from .base_model import BaseModel, load_base
 from .cache import build_examples, data_fingerprint, file_sha256
 from .config import TrainConfig, parse_device
 from .data import DatasetItem, scan_dataset
 from .interrupts import Interrupted, StopSignals
-from .loop import DTYPES, Distributed, RunFolder, TrainResult, check_run_folder, run_training
+from .loop import (Distributed, RunFolder, TrainResult, check_run_folder, data_changed_message, run_training,
+                   saved_data_fingerprint)
 from .types import TrainingExample
 
 
@@ -68,6 +69,9 @@ def train(config: TrainConfig) -> TrainResult:
             items = scan_dataset(Path(config.data), caption_prefix=config.caption_prefix,
                                  caption_extension=config.caption_extension)
             image_hashes = [file_sha256(item.image_path) for item in items]
+            fingerprint = data_fingerprint(items, image_hashes)
+            if config.resume and saved_data_fingerprint(folder) not in (None, fingerprint):
+                raise SaRAError(data_changed_message(folder, f"training data in {config.data}"))
             doing = "loading the base model"
             base = load_base(config.base, config_dir=config.base_config, dtype=torch.float32, device=device)
             doing = "encoding the training images"
@@ -84,14 +88,14 @@ def train(config: TrainConfig) -> TrainResult:
                     "examples": str(len(examples)), "key_format": config.key_format}
         return run_training(base.unet, base.noise_scheduler, examples, config, render_samples=render,
                             delta_metadata=metadata, convert_delta=key_converter(base, config),
-                            data_fingerprint=data_fingerprint(items, image_hashes))
+                            data_fingerprint=fingerprint)
 
 
 def encode_examples(config: TrainConfig, items: list[DatasetItem], image_hashes: list[str], base: BaseModel,
                     device: torch.device, distributed: Distributed) -> list[TrainingExample]:
     """The training examples, from the cache or encoded (by the main process first, so the others
     read its cache files)."""
-    encode_dtype = DTYPES[config.mixed_precision] if device.type == "cuda" else torch.float32
+    encode_dtype = config.compute_dtype if device.type == "cuda" else torch.float32
     cache_dir = None if not config.cache else Path(config.cache_dir) if config.cache_dir else default_cache_dir()
 
     def encode() -> list[TrainingExample]:
@@ -125,7 +129,7 @@ def sample_renderer(base: BaseModel, config: TrainConfig, device: torch.device):
     different steps differ only by what was learned."""
     pipeline = base.pipeline()
     pipeline.set_progress_bar_config(disable=True)
-    compute_dtype = DTYPES[config.mixed_precision]
+    compute_dtype = config.compute_dtype
 
     def render(step: int) -> list[Image.Image]:
         generator = torch.Generator(device="cpu").manual_seed(config.sample_seed)

@@ -19,8 +19,8 @@ from diffusers import DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline,
 from diffusers.loaders.single_file_utils import SingleFileComponentError
 from safetensors import SafetensorError
 
-from ..errors import SaRAError
-from ..files import SafetensorsHeader, read_safetensors_header
+from ..engine.errors import SaRAError
+from ..engine.files import SafetensorsHeader, read_safetensors_header
 from .types import PromptEmbedding
 
 BaseKind = Literal["sd1", "sd2", "sdxl"]

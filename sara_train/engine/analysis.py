@@ -8,20 +8,30 @@ Sec. 3.1 check: setting those weights to zero barely changes the model's output,
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-from PIL import Image, ImageDraw
 from torch import nn
 
+from .apply import RestorePoint
 from .config import SaRAConfig
-from .delta import RestorePoint
 from .errors import SaRAError
 from .selection import budget_to_count, find_targets, kth_smallest_magnitude, next_float_above
 
 LOG10_RANGE = (-8.0, 1.0)
+
+
+def parse_budgets(text: str) -> list[float]:
+    """``"0.01, 0.05"`` (commas or semicolons) -> ``[0.01, 0.05]``; ``SaRAError`` unless every
+    budget is a fraction in (0, 1]."""
+    try:
+        budgets = [float(part) for part in text.replace(";", ",").split(",") if part.strip()]
+    except ValueError:
+        raise SaRAError(f"budgets must be comma-separated fractions like 0.01, 0.05; got {text!r}") from None
+    if not budgets or not all(0.0 < budget <= 1.0 for budget in budgets):
+        raise SaRAError(f"budgets must be fractions in (0, 1], got {text!r}")
+    return budgets
 
 
 def threshold_for_budget(weights: Sequence[torch.Tensor], budget: float | int) -> float:
@@ -110,28 +120,3 @@ def magnitude_histogram(weights: Iterable[torch.Tensor], bins: int = 90) -> tupl
         logs = w.detach().reshape(-1).abs().float().clamp_min(10.0 ** low).log10().clamp_max(high)
         counts += torch.histc(logs, bins=bins, min=low, max=high).double().cpu()
     return torch.linspace(low, high, bins + 1), counts
-
-
-def draw_histogram(edges: torch.Tensor, counts: torch.Tensor, thresholds: dict[str, float],
-                   size: tuple[int, int] = (640, 360)) -> Image.Image:
-    """The histogram as bars (height ∝ count) with a labelled vertical line per threshold."""
-    width, height = size
-    margin = 30
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    low, high = float(edges[0]), float(edges[-1])
-    x_of = lambda log_value: margin + (log_value - low) / (high - low) * (width - 2 * margin)
-    peak = float(counts.max()) or 1.0
-    for i, count in enumerate(counts.tolist()):
-        top = height - margin - count / peak * (height - 2 * margin)
-        draw.rectangle([x_of(float(edges[i])), top, x_of(float(edges[i + 1])), height - margin], fill=(90, 120, 200))
-    for exponent in range(math.ceil(low), math.floor(high) + 1):
-        x = x_of(exponent)
-        draw.line([x, height - margin, x, height - margin + 4], fill="black")
-        draw.text((x - 10, height - margin + 6), f"1e{exponent}", fill="black")
-    for row, (label, threshold) in enumerate(thresholds.items()):
-        x = x_of(math.log10(max(threshold, 10.0 ** low)))
-        draw.line([x, margin, x, height - margin], fill=(200, 40, 40), width=2)
-        draw.text((x + 4, margin + 14 * row), f"{label}: {threshold:.3g}", fill=(200, 40, 40))
-    draw.text((margin, 8), "|w| of targeted weights (log scale) and SaRA thresholds", fill="black")
-    return image

@@ -1,7 +1,9 @@
-"""UNet weight names: diffusers ``UNet2DConditionModel`` <-> original Stable Diffusion ("LDM").
+"""Stable Diffusion UNets (SD1.x, SD2.x, SDXL): diffusers ``UNet2DConditionModel`` names <-> the
+original Stable Diffusion ("LDM") names that single-file checkpoints and ComfyUI use.
 
-Deltas trained on a diffusers UNet are saved with LDM names so they load in ComfyUI and merge
-straight into single-file checkpoints; this module renames keys both ways for SD1.x, SD2.x and SDXL.
+``StableDiffusionUNetNaming`` registers this knowledge with the engine's delta path, so a delta in
+either naming fits a UNet, state dict or checkpoint in the other. The trainer also renames its
+deltas to LDM names when saving (``delta_to_ldm_keys``).
 
 The LDM UNet is three flat lists of numbered blocks, each block a list of numbered modules:
 
@@ -31,9 +33,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .delta import SparseDelta
-from .errors import DeltaMismatchError, SaRAError
-from .keys import resolve_keys
+from ..engine.apply import Placement, Shapes, whole
+from ..engine.delta import SparseDelta
+from ..engine.errors import DeltaMismatchError, SaRAError
+from ..engine.keys import resolve_keys
 
 LDM_UNET_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 """Prefixes under which LDM UNet keys appear: single-file checkpoints, ComfyUI models."""
@@ -207,29 +210,74 @@ def delta_to_diffusers_keys(delta: SparseDelta, unet_config: Mapping[str, Any]) 
     return rename_delta_keys(delta, ldm_to_diffusers_unet_keys(delta.layers, unet_config))
 
 
-def delta_for_unet(delta: SparseDelta, target_keys: Iterable[str], target_name: str,
-                   target_naming: Literal["ldm", "diffusers"] | None = None,
-                   unet_config: Mapping[str, Any] | None = None) -> SparseDelta:
-    """``delta`` with its keys renamed to keys of ``target_keys`` (a UNet's or a checkpoint's).
+def unet_layout_from_diffusers_keys(keys: Iterable[str]) -> dict[str, Any]:
+    """The config fields ``unet_module_names`` needs, read off a whole diffusers UNet's keys (down
+    and up blocks by their resnets and attentions, the mid block by its presence). Raises
+    ``SaRAError`` if the keys are not a diffusers Stable Diffusion UNet."""
+    keys = set(keys)
 
-    When the delta's UNet naming (``unet_key_naming``) and ``target_naming`` are both known and
-    differ, the keys are first renamed to the target's naming, which needs ``unet_config`` (the
-    target UNet's config, or ``unet_layout_from_ldm_keys`` of a checkpoint). Then keys match as
-    ``resolve_keys`` matches them: exactly or through one prefix. Raises ``DeltaMismatchError``
-    naming ``target_name`` if they do not.
-    """
-    naming = unet_key_naming(delta.layers)
-    if target_naming is not None and naming is not None and naming != target_naming:
-        if unet_config is None:
-            raise DeltaMismatchError(f"the delta has {naming} UNet keys but {target_name} uses {target_naming} "
-                                     f"keys, and its UNet layout is unknown")
+    def blocks(kind: str) -> list[int]:
+        return sorted({int(m.group(1)) for k in keys if (m := re.match(rf"{kind}\.(\d+)\.", k))})
+
+    def count(prefix: str) -> int:
+        return len({m.group(1) for k in keys if (m := re.match(rf"{re.escape(prefix)}(\d+)\.", k))})
+
+    downs, ups = blocks("down_blocks"), blocks("up_blocks")
+    if not downs or downs != list(range(len(downs))) or ups != downs or "conv_in.weight" not in keys:
+        raise SaRAError("no diffusers UNet keys (conv_in, down_blocks.N, up_blocks.N) found")
+
+    def attention(kind: str, block: int) -> bool:
+        return any(k.startswith(f"{kind}.{block}.attentions.") for k in keys)
+
+    layers = [count(f"down_blocks.{b}.resnets.") for b in downs]
+    layout = {"layers_per_block": layers[0] if len(set(layers)) == 1 else layers,
+              "down_block_types": ["CrossAttnDownBlock2D" if attention("down_blocks", b) else "DownBlock2D"
+                                   for b in downs],
+              "up_block_types": ["CrossAttnUpBlock2D" if attention("up_blocks", b) else "UpBlock2D" for b in ups],
+              "mid_block_type": MID_BLOCK_TYPE if any(k.startswith("mid_block.") for k in keys) else None}
+    try:
+        diffusers_to_ldm_unet_keys(keys, layout)
+    except SaRAError as exc:
+        raise SaRAError(f"the diffusers UNet keys do not form a Stable Diffusion UNet layout: {exc}") from None
+    return layout
+
+
+def target_unet(keys: Iterable[str]) -> tuple[Literal["ldm", "diffusers"] | None, dict[str, Any] | None]:
+    """Which naming a target's whole UNet uses and its layout: ``("ldm", layout)`` for original keys
+    (bare, ``diffusion_model.*`` or a checkpoint's ``model.diffusion_model.*``), ``("diffusers",
+    layout)`` for a diffusers UNet's, ``(None, None)`` for anything else."""
+    keys = list(keys)
+    if any(strip_ldm_prefix(key).startswith("input_blocks.0.0.") for key in keys):
         try:
-            delta = delta_to_ldm_keys(delta, unet_config) if target_naming == "ldm" else \
-                delta_to_diffusers_keys(delta, unet_config)
+            return "ldm", unet_layout_from_ldm_keys(keys)
+        except SaRAError:
+            return None, None
+    if "conv_in.weight" in keys:
+        try:
+            return "diffusers", unet_layout_from_diffusers_keys(keys)
+        except SaRAError:
+            return None, None
+    return None, None
+
+
+class StableDiffusionUNetNaming:
+    """The engine's ``KeyNaming`` for Stable Diffusion UNets: places a delta named one way (diffusers
+    or LDM) on a target named the other way, the UNet layout being read off the target's keys."""
+
+    description = "Stable Diffusion UNet naming (diffusers <-> original)"
+
+    def place(self, delta: Shapes, target: Shapes) -> dict[str, Placement] | None:
+        delta_naming = unet_key_naming(delta)
+        target_naming, layout = target_unet(target)
+        if delta_naming is None or target_naming is None or target_naming == delta_naming:
+            return None
+        try:
+            renamed = (diffusers_to_ldm_unet_keys if target_naming == "ldm" else ldm_to_diffusers_unet_keys)(delta, layout)
         except SaRAError as exc:
-            raise DeltaMismatchError(f"the delta does not fit the UNet of {target_name}: {exc}; "
-                                     f"the delta is for another model architecture") from None
-    return rename_delta_keys(delta, resolve_keys(delta.layers, list(target_keys), target_name))
+            raise DeltaMismatchError(f"the delta does not fit the target's UNet: {exc}; the delta is for another "
+                                     f"model architecture") from None
+        mapping = resolve_keys(renamed.values(), target, "the target's UNet")
+        return {key: whole(mapping[renamed[key]], shape) for key, shape in delta.items()}
 
 
 def rename_delta_keys(delta: SparseDelta, mapping: Mapping[str, str]) -> SparseDelta:

@@ -2,20 +2,16 @@
 Chromium against a real server with this pack), so the files are in exactly the format ComfyUI's
 template browser and "Load" expect.
 
-    .venv/bin/python scripts/build_example_workflows.py   # needs chromium (make test installs it)
+    .venv/bin/python -m tools.build_example_workflows   # needs chromium (make test installs it)
 """
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-
-from comfyui_browser import ComfyUIPage  # noqa: E402
-from comfyui_server import ComfyUIServer  # noqa: E402
+from tools.comfyui_browser import ComfyUIPage
+from tools.comfyui_server import REPO, ComfyUIServer
 
 CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
 PROMPT = "a photo of sks plushie on a table"
@@ -61,7 +57,7 @@ def train_and_sample() -> dict:
         "batch": {"type": "LatentBatch", "pos": [600, 640]},
         "train": {"type": "SaRATrain", "pos": [840, 80], "size": [380, 600],
                   "widgets": {"steps": 300, "learning_rate": 1e-4, "control_after_generate": "fixed", "save_every": 100, "save_prefix": "my_sara"}},
-        "save_delta": {"type": "SaRASave", "pos": [1260, 700], "widgets": {"filename": "my_sara_delta"}},
+        "save_delta": {"type": "SaRASave", "pos": [1260, 700], "widgets": {"filename_prefix": "my_sara_delta"}},
     })
     links += [
         ["image_1", 0, "encode_1", "pixels"], ["checkpoint", 2, "encode_1", "vae"],
@@ -78,7 +74,7 @@ def train_and_sample() -> dict:
 
 def load_and_sample() -> dict:
     nodes, links = text_nodes()
-    nodes["sara_load"] = {"type": "SaRALoader", "pos": [20, 330], "widgets": {"delta_name": "my_sara_delta.safetensors",
+    nodes["sara_load"] = {"type": "SaRALoader", "pos": [20, 330], "widgets": {"delta_name": "my_sara_delta_00001_.safetensors",
                                                                               "strength": 1.0}}
     links.append(["checkpoint", 0, "sara_load", "model"])
     sample_nodes, sample_links = sampling_nodes(["sara_load", 0], 700)

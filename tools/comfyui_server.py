@@ -17,29 +17,40 @@ from pathlib import Path
 import torch
 
 import sara_train
-from sara_train.delta import LayerDelta
-from sara_train.selection import select_entries
-from sara_train.sparse import probe_positions
+from sara_train.engine.delta import LayerDelta
+from sara_train.engine.selection import select_entries
+from sara_train.engine.sparse import probe_positions
 
 REPO = Path(__file__).resolve().parent.parent
 
-TINY_SD15_UNET = """
-import sys, torch
+TINY_UNET = """
+import json, sys, torch
 from safetensors.torch import save_file
 sys.path.insert(0, sys.argv[1])
 import comfy.cli_args
 comfy.cli_args.args.cpu = True  # before comfy.model_management looks for a GPU
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 torch.manual_seed(0)
-unet = UNetModel(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1],
-                 channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1],
-                 transformer_depth_middle=-1, num_head_channels=64, context_dim=768, use_linear_in_transformer=False,
-                 use_spatial_transformer=True, dtype=torch.float32)
+unet = UNetModel(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_head_channels=64,
+                 use_spatial_transformer=True, dtype=torch.float32, **json.loads(sys.argv[3]))
 with torch.no_grad():  # comfy.ops skips weight init: give the random model real values
     for param in unet.parameters():
         param.normal_(0.0, 0.05)
 save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, sys.argv[2])
 """
+TINY_UNETS = {
+    "sd15": dict(num_res_blocks=[1], channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1],
+                 transformer_depth_middle=-1, context_dim=768, use_linear_in_transformer=False),
+    "sd2": dict(num_res_blocks=[1], channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1],
+                transformer_depth_middle=-1, context_dim=1024, use_linear_in_transformer=True),
+    # ComfyUI matches SDXL-family UNets by their transformer depths; KOALA-700M's ([0, 2, 5]) is the
+    # smallest, here at 320 channels on every level, with SDXL's pooled/size conditioning (label_emb).
+    "sdxl": dict(num_res_blocks=[1, 1, 1], channel_mult=[1, 1, 1], transformer_depth=[0, 2, 5],
+                 transformer_depth_output=[0] * 6, transformer_depth_middle=-1, context_dim=2048,
+                 use_linear_in_transformer=True, adm_in_channels=2816, num_classes="sequential"),
+}
+"""UNetModel options of the tiny UNets ComfyUI detects as SD1.5 (~21M parameters), SD2 and the
+SDXL family (KOALA-700M)."""
 
 
 TINY_SD15_CHECKPOINT = """
@@ -73,10 +84,11 @@ def comfyui_dir() -> Path:
     return path
 
 
-def write_tiny_unet(path: Path) -> Path:
-    """A ~21M-parameter UNet (one level, 320 channels, context 768) that ComfyUI detects as SD1.5."""
+def write_tiny_unet(path: Path, family: str = "sd15") -> Path:
+    """A small random UNet in ComfyUI's own layout that ComfyUI detects as ``family`` (``TINY_UNETS``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-c", TINY_SD15_UNET, str(comfyui_dir()), str(path)], check=True, timeout=300)
+    subprocess.run([sys.executable, "-c", TINY_UNET, str(comfyui_dir()), str(path), json.dumps(TINY_UNETS[family])],
+                   check=True, timeout=300)
     return path
 
 
@@ -91,7 +103,9 @@ def write_tiny_sd15_checkpoint(unet: Path, path: Path) -> Path:
 class ComfyUIServer:
     """``python main.py --cpu`` with ``base`` as its base directory (models, output, custom_nodes)."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, env: dict[str, str] | None = None) -> None:
+        """Start the server on ``base`` (models, input, output, custom_nodes); ``env`` is added to
+        the server's environment."""
         self.base = base
         (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
         link = base / "custom_nodes" / "comfyui-sara"
@@ -105,7 +119,7 @@ class ComfyUIServer:
         self.process = subprocess.Popen(
             [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
              "--base-directory", str(base), "--disable-auto-launch", "--database-url", "sqlite:///:memory:"],
-            cwd=comfyui_dir(), stdout=self.log, stderr=subprocess.STDOUT)
+            cwd=comfyui_dir(), stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -145,6 +159,13 @@ class ComfyUIServer:
                     return entry
             time.sleep(0.2)
         raise AssertionError(f"graph did not finish within {timeout} s:\n{self.read_log()}")
+
+    def run_ok(self, graph: dict, timeout: float = 600) -> dict:
+        """``run`` and assert that the graph succeeded (the failure message carries the node error
+        and the end of the server log)."""
+        entry = self.run(graph, timeout=timeout)
+        assert entry["status"]["status_str"] == "success", execution_error(entry) + self.read_log()
+        return entry
 
     def stop(self) -> None:
         self.process.terminate()

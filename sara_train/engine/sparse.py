@@ -54,12 +54,16 @@ class SparseUpdate(nn.Module):
     Buffers (all 1-D, ``k`` = trainable entries, ``f`` = learned entries frozen by re-selection):
       flat_indices  int32 [k]  sorted row-major positions of the trainable entries
       base_values   [k]        the pretrained values there (weight dtype)
-      frozen_indices int32 [f], frozen_delta fp32 [f], frozen_base [f] (weight dtype): learned
-        updates no longer trained, and the pretrained values there
+      frozen_indices int32 [f], frozen_values fp32 [f], frozen_base [f] (weight dtype): entries no
+        longer trained, the values they had when frozen, and the pretrained values there
       probe_indices int32 [p], probe_values fp32 [p]: largest-|w| entries of the base weight
         (never selected), the fingerprint a delta carries to recognise its base model
     Parameter:
       values        [k]        current values of the trainable entries (``values_dtype``)
+
+    ``state_dict()`` / ``load_state_dict()`` carry all of them; loading accepts other sizes (a
+    state saved after a progressive step) and resizes the buffers and ``values`` (a new Parameter).
+    The weight itself is not part of this module: ``SaRAHandle.load_state_dict`` restores it.
     """
 
     def __init__(self, weight: torch.Tensor, flat_indices: torch.Tensor,
@@ -74,7 +78,7 @@ class SparseUpdate(nn.Module):
         self.register_buffer("base_values", flat[self.flat_indices].clone())
         self.values = nn.Parameter(self.base_values.to(values_dtype, copy=True))
         self.register_buffer("frozen_indices", _empty_like_indices(weight.device))
-        self.register_buffer("frozen_delta", torch.empty(0, dtype=torch.float32, device=weight.device))
+        self.register_buffer("frozen_values", torch.empty(0, dtype=torch.float32, device=weight.device))
         self.register_buffer("frozen_base", self.base_values[:0].clone())
         probe_indices = probe_positions(flat, self.flat_indices, probe_size)
         self.register_buffer("probe_indices", probe_indices)
@@ -103,14 +107,14 @@ class SparseUpdate(nn.Module):
     def sparse_delta(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All learned updates of this weight: ``(flat_indices int32 sorted, delta fp32)``."""
         indices = torch.cat([self.flat_indices, self.frozen_indices])
-        deltas = torch.cat([self.delta_values(), self.frozen_delta])
+        deltas = torch.cat([self.delta_values(), self.frozen_values - self.frozen_base.float()])
         order = indices.argsort()
         return indices[order], deltas[order]
 
     @torch.no_grad()
     def reselect(self, weight: torch.Tensor, threshold: float) -> torch.Tensor:
         """Progressive step: keep training the entries with ``|value| < threshold``; freeze the rest
-        with their learned values (they stay in ``weight`` and in ``frozen_delta``).
+        with their learned values (they stay in ``weight`` and in ``frozen_values``).
 
         ``values`` becomes a new, smaller Parameter without a gradient (call this after an
         optimizer step); the caller moves optimizer state over. Returns the bool keep-mask over
@@ -122,13 +126,37 @@ class SparseUpdate(nn.Module):
         keep = old.detach().abs() < threshold
         drop = ~keep
         self.frozen_indices = torch.cat([self.frozen_indices, self.flat_indices[drop]])
-        self.frozen_delta = torch.cat([self.frozen_delta, self.delta_values().detach()[drop]])
+        self.frozen_values = torch.cat([self.frozen_values, old.detach().float()[drop]])
         self.frozen_base = torch.cat([self.frozen_base, self.base_values[drop]])
         self.flat_indices = self.flat_indices[keep]
         self.base_values = self.base_values[keep]
         self.values = nn.Parameter(old.detach()[keep].clone(), requires_grad=old.requires_grad)
         self._synced_version = self.values._version
         return keep
+
+    @torch.no_grad()
+    def write_all_into(self, weight: torch.Tensor) -> None:
+        """Write the frozen entries' values and the current ``values`` into ``weight`` (in its dtype,
+        as training left them there)."""
+        weight.view(-1)[self.frozen_indices] = self.frozen_values.to(weight.dtype)
+        self._synced_version = None
+        self.write_values_into(weight)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """Resize buffers and ``values`` to the saved sizes first, so ``load_state_dict`` accepts a
+        state saved after re-selection (the shapes of the trainable and frozen sets change)."""
+        for name, buffer in list(self._buffers.items()):
+            saved = state_dict.get(prefix + name)
+            if buffer is not None and saved is not None and saved.shape != buffer.shape:
+                self._buffers[name] = torch.empty(saved.shape, dtype=buffer.dtype, device=buffer.device)
+        saved = state_dict.get(prefix + "values")
+        if saved is not None and saved.shape != self.values.shape:
+            self.values = nn.Parameter(torch.empty(saved.shape, dtype=self.values.dtype, device=self.values.device),
+                                       requires_grad=self.values.requires_grad)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._synced_version = None
 
     @torch.no_grad()
     def restore_base_into(self, weight: torch.Tensor) -> None:

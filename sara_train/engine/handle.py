@@ -5,7 +5,8 @@
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -163,6 +164,38 @@ class SaRAHandle:
                 pending = self._pending_swaps.pop(id(param), None)
                 if pending is not None and pending[0] is param:
                     swap_optimizer_param(optimizer, *pending)
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything SaRA holds beyond the pretrained model: per layer the ``SparseUpdate``'s
+        state (selection, values, frozen entries, base fingerprint) and the rank-loss rotation."""
+        return {"layers": {name: update.state_dict() for name, update in self.layers.items()},
+                "rank_cursor": self._rank_cursor}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore ``state_dict()`` output into this handle, injected into the same base model with
+        the same targets: the weights end up as they were when the state was taken.
+
+        Raises ``SaRAError`` (before changing anything) if the layers differ or a layer's base
+        fingerprint differs (the state was saved for other base weights). The layers' values
+        become new Parameters: hand them to the optimizer again (``SaRAAdamW.load_state_dict``
+        does)."""
+        layers = state["layers"]
+        if set(layers) != set(self.layers):
+            missing, extra = sorted(set(self.layers) - set(layers)), sorted(set(layers) - set(self.layers))
+            raise SaRAError(f"the saved SaRA state does not match this model's layers: missing {missing[:3]}, "
+                            f"unexpected {extra[:3]}; it was saved for another model or other targets")
+        for name, update in self.layers.items():
+            if not torch.equal(layers[name]["probe_values"].cpu(), update.probe_values.cpu()):
+                raise SaRAError(f"the saved SaRA state of layer {name!r} was trained on other base weights "
+                                f"(its fingerprint differs)")
+        for name, update in self.layers.items():
+            weight = self.weight(name)
+            update.restore_base_into(weight)
+            update.load_state_dict(layers[name])
+            update.write_all_into(weight)
+        self._rank_cursor = int(state["rank_cursor"])
 
     # ----------------------------------------------------------------- results
     @torch.no_grad()

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from .delta import SparseDelta, add_sparse_, check_layer_fits, load_deltas
+from .apply import add_sparse_, check_layer_fits, fit_delta, load_deltas
+from .delta import SparseDelta
 from .errors import DeltaMismatchError, SaRAError
 from .files import SAFETENSORS_DTYPES, atomic_output, check_output_file, read_safetensors_header
-from .keys import resolve_keys
 
 COPY_CHUNK_BYTES = 64 * 1024 * 1024
 
@@ -34,8 +34,8 @@ def merge_checkpoint(ckpt_in: str | os.PathLike,
     """Write ``ckpt_out`` = ``ckpt_in`` with ``strength * delta`` added; atomically.
 
     ``delta`` is one delta or a list (objects or file paths), ``strength`` one finite number or one
-    per delta. Delta keys are matched to checkpoint keys exactly or via one prefix (a delta trained
-    on ComfyUI's ``diffusion_model.*`` or a bare UNet merges into ``model.diffusion_model.*``).
+    per delta. Each delta is fitted to the checkpoint's tensors (``fit_delta``: exactly, via one
+    prefix such as ``model.diffusion_model.``, or through a model family's key naming).
     The output records what was merged (``MERGE_RECORD_KEY``), so merging a delta into a
     checkpoint that already holds it is refused unless ``allow_repeat``.
     ``ckpt_out`` may not be an input file, nor an existing file unless ``overwrite``.
@@ -47,21 +47,17 @@ def merge_checkpoint(ckpt_in: str | os.PathLike,
     strengths = list(strength) if isinstance(strength, (list, tuple)) else [strength] * len(items)
     check_output_file(ckpt_out, [ckpt_in, *(item for item in items if not isinstance(item, SparseDelta))],
                       overwrite, "checkpoint output")
-    deltas = load_deltas(items)
-    combined = SparseDelta.stack(deltas, strengths, check_base=check_base)
     header = read_safetensors_header(ckpt_in)
-    mapping = resolve_keys(combined.layers, header.tensors, f"checkpoint {ckpt_in}")
-    by_checkpoint_key = {ckpt_key: combined.layers[key] for key, ckpt_key in mapping.items()}
-    for ckpt_key, layer in by_checkpoint_key.items():
-        entry = header.tensors[ckpt_key]
-        if entry.dtype not in ("F32", "F16", "BF16", "F64"):
-            raise DeltaMismatchError(f"checkpoint tensor {ckpt_key!r} has dtype {entry.dtype}, not a float")
-        if entry.shape != tuple(layer.shape):
-            raise DeltaMismatchError(f"delta layer for {ckpt_key!r} has shape {layer.shape} but "
-                                     f"{ckpt_in} has {entry.shape}: the delta is for another model")
+    shapes = {name: entry.shape for name, entry in header.tensors.items()}
+    deltas = [fit_delta(item, shapes, f"checkpoint {ckpt_in}") for item in load_deltas(items)]
+    combined = SparseDelta.stack(deltas, strengths, check_base=check_base)
+    for ckpt_key in combined.layers:
+        if header.tensors[ckpt_key].dtype not in ("F32", "F16", "BF16", "F64"):
+            raise DeltaMismatchError(f"checkpoint tensor {ckpt_key!r} has dtype {header.tensors[ckpt_key].dtype}, "
+                                     f"not a float SaRA can add to")
     records = merge_records(header.metadata)
     for delta_item, item_strength in zip(deltas, strengths):
-        content = SparseDelta({mapping[k]: v for k, v in delta_item.layers.items()}).content_hash()
+        content = delta_item.content_hash()
         earlier = [record for record in records if record.get("delta") == content]
         if earlier and not allow_repeat:
             raise DeltaMismatchError(
@@ -82,7 +78,7 @@ def merge_checkpoint(ckpt_in: str | os.PathLike,
             if entry.begin != position:
                 raise SaRAError(f"{ckpt_in}: tensor {name!r} does not start where the previous one ends")
             source.seek(header.data_start + entry.begin)
-            layer = by_checkpoint_key.get(name)
+            layer = combined.layers.get(name)
             if layer is None:
                 _copy_bytes(source, out, entry.end - entry.begin)
             else:

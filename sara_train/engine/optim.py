@@ -10,14 +10,15 @@ shrink the absolute weights toward zero, pulling the pretrained model itself awa
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from .config import SaRAConfig
 from .errors import SaRAError
-from .model import SaRAHandle, inject
+from .handle import SaRAHandle, inject
 
 
 def check_hyperparameters(lr: float, weight_decay: float, rank_weight: float, rank_layers_per_step: int | None,
@@ -86,6 +87,27 @@ class SaRAAdamW(torch.optim.AdamW):
         if self.progressive_at is not None and self.steps_taken == self.progressive_at:
             self.handle.reselect(self)
         return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's AdamW state (moments per value tensor, hyperparameters) plus ``"sara"``: the
+        handle's state and the step count (for the progressive step)."""
+        state = super().state_dict()
+        state["sara"] = {"handle": self.handle.state_dict(), "steps_taken": self.steps_taken}
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore ``state_dict()`` output into a SaRAAdamW freshly built on the same base model: the
+        selection (also after a progressive step), values, frozen entries, Adam moments and counters,
+        so training continues bit-identically. Raises ``SaRAError`` for another model or base."""
+        state = dict(state_dict)
+        sara = state.pop("sara")
+        self.handle.load_state_dict(sara["handle"])
+        if len(self.param_groups) != 1:
+            raise SaRAError("SaRAAdamW.load_state_dict expects the optimizer's one parameter group")
+        self.state.clear()
+        self.param_groups[0]["params"] = list(self.handle.parameters())  # the values are new Parameters
+        super().load_state_dict(state)
+        self.steps_taken = int(sara["steps_taken"])
 
     def _decay_updates(self) -> None:
         """``values <- base + (values - base) * (1 - lr * weight_decay)`` for every group with decay."""

@@ -15,9 +15,10 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -26,11 +27,16 @@ from torch import nn
 
 from .errors import DeltaFormatError, DeltaMismatchError, SaRAError
 from .files import atomic_output, read_safetensors_header
-from .keys import resolve_keys
+
+if TYPE_CHECKING:
+    from .apply import RestorePoint
 
 FORMAT_NAME = "sara-delta"
 FORMAT_VERSION = "1"
-VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+"""The float dtypes by the names every option uses (delta values, training compute dtype)."""
+VALUE_DTYPES = tuple(DTYPES.values())
+"""Dtypes a delta's values may have."""
 PROBE_RTOL = 2e-2
 """Relative tolerance of the base check: passes across fp32/fp16/bf16 copies of one model."""
 SUFFIXES = ("::idx", "::val", "::probe_idx", "::probe_val")
@@ -294,33 +300,21 @@ class SparseDelta:
         return cls(layers, selection, user)
 
     # ----------------------------------------------------------------- applying
+    def fit(self, target: nn.Module | Mapping[str, torch.Tensor]) -> SparseDelta:
+        """This delta re-keyed (and, for fused tensors, re-indexed) to the names of a module or a
+        state dict; see ``sara_train.engine.apply.fit_delta`` (which also takes bare shapes)."""
+        from .apply import fit_delta, named_tensors
+
+        return fit_delta(self, {name: tuple(t.shape) for name, t in named_tensors(target).items()})
+
     def apply_to(self, target: nn.Module | Mapping[str, torch.Tensor], strength: float = 1.0,
                  check_base: bool = True) -> RestorePoint:
-        """Add ``strength * delta`` in place to a module's parameters or a state dict.
+        """Add ``strength * delta`` in place to a module's parameters or a state dict, whatever key
+        naming either uses (see ``sara_train.engine.apply.apply_delta``). Returns the ``RestorePoint``
+        that undoes it bit-exactly."""
+        from .apply import apply_delta
 
-        Keys are matched exactly or through one common prefix (e.g. ``model.diffusion_model.``).
-        Everything is checked first (keys, shapes, contiguity, base fingerprint unless
-        ``check_base=False``); if applying still fails, already-changed tensors are restored.
-        Raises ``DeltaMismatchError``, or ``SaRAError`` for a strength that is not finite.
-        ``strength=-1`` undoes ``strength=1`` up to rounding; the returned ``RestorePoint`` undoes
-        it bit-exactly.
-        """
-        strength = check_strength(strength)
-        tensors = _named_tensors(target)
-        mapping = resolve_keys(self.layers, tensors, "the target")
-        for key, target_key in mapping.items():
-            check_layer_fits(key, self.layers[key], tensors[target_key], check_base)
-        restore_point = RestorePoint()
-        with torch.no_grad():
-            try:
-                for key, target_key in mapping.items():
-                    tensor, layer = tensors[target_key], self.layers[key]
-                    restore_point.remember(tensor, layer.flat_indices)
-                    add_sparse_(tensor, layer, strength)
-            except BaseException:
-                restore_point.restore()
-                raise
-        return restore_point
+        return apply_delta(self, target, strength, check_base)
 
 
 def _parse_metadata(path: str | os.PathLike, meta: dict[str, str]) -> tuple[dict[str, tuple[int, ...]], dict, dict]:
@@ -346,70 +340,6 @@ def _parse_metadata(path: str | os.PathLike, meta: dict[str, str]) -> tuple[dict
     return {key: tuple(dims) for key, dims in shapes.items()}, selection, user
 
 
-class RestorePoint:
-    """The old values of tensors at the positions a delta changed; ``restore()`` puts them back."""
-
-    def __init__(self) -> None:
-        self._saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-
-    def remember(self, tensor: torch.Tensor, flat_indices: torch.Tensor) -> None:
-        indices = flat_indices.to(tensor.device)
-        self._saved.append((tensor, indices, tensor.view(-1)[indices].clone()))
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        """Write the remembered values back, bit-exactly; a second call does nothing."""
-        for tensor, indices, old in reversed(self._saved):
-            tensor.view(-1)[indices] = old
-        self._saved.clear()
-
-
 def _probes_agree(layer: LayerDelta, other: LayerDelta) -> bool:
     return (torch.equal(layer.probe_indices, other.probe_indices)
             and torch.allclose(layer.probe_values, other.probe_values, rtol=PROBE_RTOL, atol=0))
-
-
-def check_layer_fits(key: str, layer: LayerDelta, weight: torch.Tensor, check_base: bool) -> None:
-    """Raise ``DeltaMismatchError`` unless ``layer`` can be added to ``weight`` (shape, float dtype,
-    contiguous storage, and with ``check_base`` the probe values)."""
-    if tuple(weight.shape) != tuple(layer.shape):
-        raise DeltaMismatchError(f"delta layer {key!r} has shape {layer.shape} but the target tensor has "
-                                 f"shape {tuple(weight.shape)}: the delta is for another model")
-    if not weight.is_floating_point():
-        raise DeltaMismatchError(f"target tensor for {key!r} has dtype {weight.dtype}, not a float")
-    if not weight.is_contiguous():
-        raise DeltaMismatchError(f"target tensor for {key!r} is not contiguous")
-    if check_base and layer.probe_indices.numel():
-        found = weight.detach().reshape(-1)[layer.probe_indices.to(weight.device)].float().cpu()
-        if not torch.allclose(found, layer.probe_values, rtol=PROBE_RTOL, atol=0):
-            raise DeltaMismatchError(
-                f"base weights differ at {key!r}: this delta was trained from another model "
-                f"(expected {layer.probe_values.tolist()}, found {found.tolist()} at probe positions); "
-                f"pass check_base=False to apply it anyway")
-
-
-def add_sparse_(weight: torch.Tensor, layer: LayerDelta, strength: float) -> None:
-    """``weight.flatten()[layer.flat_indices] += strength * layer.values`` in place, computed in fp32
-    and rounded once to ``weight.dtype``. ``weight`` must be contiguous."""
-    flat = weight.view(-1)
-    indices = layer.flat_indices.to(weight.device)
-    updated = flat[indices].float() + strength * layer.values.to(weight.device, torch.float32)
-    flat[indices] = updated.to(weight.dtype)
-
-
-def _named_tensors(target: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if isinstance(target, nn.Module):
-        tensors = dict(target.named_parameters(remove_duplicate=False))
-        tensors.update(target.named_buffers(remove_duplicate=False))
-        if any(".parametrizations." in name for name in tensors):
-            raise SaRAError("the target module is parametrized (SaRA is injected?); "
-                            "call handle.remove() before applying a delta")
-        return tensors
-    if isinstance(target, Mapping):
-        return dict(target)
-    raise SaRAError(f"apply_to needs an nn.Module or a state dict, got {type(target).__name__}")
-
-
-def load_deltas(items: Iterable[SparseDelta | str | os.PathLike]) -> list[SparseDelta]:
-    """Deltas given as objects or file paths, loaded as needed."""
-    return [item if isinstance(item, SparseDelta) else SparseDelta.load(item) for item in items]

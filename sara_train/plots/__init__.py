@@ -1,0 +1,1 @@
+"""Images for people: the loss plot and the |w| histogram (matplotlib / Pillow)."""

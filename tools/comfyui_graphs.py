@@ -1,0 +1,60 @@
+"""API-format ComfyUI graphs around the SaRA nodes, shared by the tests and the benchmark.
+
+``train_graph`` is the tests' standard training graph: the tiny SD1.5 checkpoint
+(``tiny_full.safetensors``), a CLIP-encoded prompt and ``images`` VAE-encoded PNGs batched into
+SaRA Train. Saved files follow the nodes' numbering (``<prefix>_<NNNNN>_.safetensors``);
+``saved_delta`` finds the newest one for a prefix.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+CKPT = "tiny_full.safetensors"
+
+
+def sara_train_inputs(**overrides) -> dict:
+    """Every widget input of SaRA Train at the values the tests and benchmarks start from (fp32 for
+    exact comparisons, 2 images a step), updated with ``overrides``; the caller links ``model``,
+    ``latents`` and ``positive``."""
+    inputs = {"steps": 30, "batch_size": 2, "grad_accumulation": 1, "learning_rate": 1e-2, "budget": 0.05,
+              "threshold": 0.0, "rank_loss_weight": 1e-4, "progressive_fraction": 0.5, "seed": 7,
+              "training_dtype": "fp32", "gradient_checkpointing": True, "save_every": 0, "save_prefix": "run",
+              "existing_delta": "[None]"}
+    inputs.update(overrides)
+    return inputs
+
+
+def train_graph(steps: int = 30, learning_rate: float = 1e-2, images: int = 2, **options) -> dict:
+    """CheckpointLoaderSimple -> CLIPTextEncode, LoadImage x images -> VAEEncode -> LatentBatch -> SaRATrain."""
+    graph = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a red square"}},
+    }
+    latents = None
+    for i in range(images):
+        graph[f"img{i}"] = {"class_type": "LoadImage", "inputs": {"image": f"train_{i}.png"}}
+        graph[f"enc{i}"] = {"class_type": "VAEEncode", "inputs": {"pixels": [f"img{i}", 0], "vae": ["ckpt", 2]}}
+        if latents is None:
+            latents = [f"enc{i}", 0]
+        else:
+            graph[f"batch{i}"] = {"class_type": "LatentBatch", "inputs": {"samples1": latents, "samples2": [f"enc{i}", 0]}}
+            latents = [f"batch{i}", 0]
+    graph["train"] = {"class_type": "SaRATrain", "inputs": {
+        "model": ["ckpt", 0], "latents": latents, "positive": ["pos", 0],
+        **sara_train_inputs(steps=steps, learning_rate=learning_rate, **options)}}
+    return graph
+
+
+def with_save(graph: dict, prefix: str, values_dtype: str = "fp32") -> dict:
+    """``graph`` plus SaRA Save of the Train node's delta as ``models/sara/<prefix>_NNNNN_.safetensors``."""
+    graph["save"] = {"class_type": "SaRASave", "inputs": {"delta": ["train", 1], "filename_prefix": prefix,
+                                                          "values_dtype": values_dtype}}
+    return graph
+
+
+def saved_delta(comfyui_base: Path, prefix: str) -> Path:
+    """The newest ``models/sara/<prefix>_NNNNN_.safetensors`` under a server's base folder."""
+    files = sorted((Path(comfyui_base) / "models" / "sara").glob(f"{prefix}_[0-9][0-9][0-9][0-9][0-9]_.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no saved delta {prefix}_NNNNN_.safetensors in {comfyui_base}/models/sara")
+    return files[-1]
