@@ -10,7 +10,7 @@ export COMFYUI_DIR
 # The browser tests drive Debian's Chromium (apt needs root; sudo is used when not root).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install chromium test demo bench clean
+.PHONY: install chromium lint test demo bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -36,7 +36,11 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
-test: install chromium
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: install chromium lint
 	$(PY) -m pytest -q
 
 bench: install

@@ -13,6 +13,7 @@ SD1.5-detected UNet inside a random full checkpoint (see tools/comfyui_server.py
    (``ModelPatcher`` with the patches written into the weights), median of 5, in-process.
 3. Sampling: seconds per sampler step with the delta loaded vs the base model (same graph).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from tools.comfyui_server import (REPO, ComfyUIServer, comfyui_dir, make_delta, write_tiny_sd15_checkpoint,
-                                  write_tiny_unet, write_training_images)
+from tools.comfyui_server import (
+    REPO,
+    ComfyUIServer,
+    comfyui_dir,
+    make_delta,
+    write_tiny_sd15_checkpoint,
+    write_tiny_unet,
+    write_training_images,
+)
 
 CKPT = "tiny_full.safetensors"
 BUDGET = 0.05
@@ -55,16 +63,46 @@ def base_graph() -> dict:
 
 
 def train_node(method: str, steps: int, rank: int) -> dict:
-    common = {"model": ["ckpt", 0], "latents": ["latent_list", 0], "positive": ["pos", 0], "steps": steps,
-              "batch_size": 2, "seed": 0, "training_dtype": "fp32", "gradient_checkpointing": True}
+    common = {
+        "model": ["ckpt", 0],
+        "latents": ["latent_list", 0],
+        "positive": ["pos", 0],
+        "steps": steps,
+        "batch_size": 2,
+        "seed": 0,
+        "training_dtype": "fp32",
+        "gradient_checkpointing": True,
+    }
     if method == "sara":
-        return {"class_type": "SaRATrain", "inputs": {
-            **common, "grad_accumulation": 1, "learning_rate": 1e-4, "budget": BUDGET, "threshold": 0.0,
-            "rank_loss_weight": 1e-4, "progressive_fraction": 0.5, "save_every": 0, "save_prefix": "bench",
-            "existing_delta": "[None]"}}
-    return {"class_type": "TrainLoraNode", "inputs": {
-        **common, "grad_accumulation_steps": 1, "learning_rate": 1e-4, "rank": rank, "optimizer": "AdamW",
-        "loss_function": "MSE", "lora_dtype": "fp32", "algorithm": "LoRA", "existing_lora": "[None]"}}
+        return {
+            "class_type": "SaRATrain",
+            "inputs": {
+                **common,
+                "grad_accumulation": 1,
+                "learning_rate": 1e-4,
+                "budget": BUDGET,
+                "threshold": 0.0,
+                "rank_loss_weight": 1e-4,
+                "progressive_fraction": 0.5,
+                "save_every": 0,
+                "save_prefix": "bench",
+                "existing_delta": "[None]",
+            },
+        }
+    return {
+        "class_type": "TrainLoraNode",
+        "inputs": {
+            **common,
+            "grad_accumulation_steps": 1,
+            "learning_rate": 1e-4,
+            "rank": rank,
+            "optimizer": "AdamW",
+            "loss_function": "MSE",
+            "lora_dtype": "fp32",
+            "algorithm": "LoRA",
+            "existing_lora": "[None]",
+        },
+    }
 
 
 def train_graph(method: str, steps: int, rank: int) -> dict:
@@ -130,27 +168,58 @@ def apply(load_patches):
         patched.unpatch_model()
     return statistics.median(times)
 sara = apply(lambda m: patch_model(m, sara_train.SparseDelta.load(sys.argv[4]), 1.0))
-lora = apply(lambda m: comfy.sd.load_lora_for_models(m, None, comfy.utils.load_torch_file(sys.argv[5], safe_load=True), 1.0, 0)[0])
+lora_file = comfy.utils.load_torch_file(sys.argv[5], safe_load=True)
+lora = apply(lambda m: comfy.sd.load_lora_for_models(m, None, lora_file, 1.0, 0)[0])
 print(json.dumps({"sara": sara, "lora": lora}))
 """
 
 
 def measure_apply(unet_path: Path, delta_path: Path, lora_path: Path) -> dict:
     env = dict(os.environ, PYTHONPATH="")
-    out = subprocess.run([sys.executable, "-c", APPLY_SCRIPT, str(comfyui_dir()), str(REPO), str(unet_path),
-                          str(delta_path), str(lora_path)], capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            APPLY_SCRIPT,
+            str(comfyui_dir()),
+            str(REPO),
+            str(unet_path),
+            str(delta_path),
+            str(lora_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def sampling_graph(model: list, steps: int, seed: int, image_size: int) -> dict:
     graph = base_graph()
-    graph["loader"] = {"class_type": "SaRALoader", "inputs": {"model": ["ckpt", 0], "delta_name": "bench.safetensors",
-                                                              "strength": 1.0}}
-    graph["empty"] = {"class_type": "EmptyLatentImage", "inputs": {"width": image_size, "height": image_size,
-                                                                   "batch_size": 1}}
-    graph["ks"] = {"class_type": "KSampler", "inputs": {
-        "model": model, "positive": ["pos", 0], "negative": ["pos", 0], "latent_image": ["empty", 0], "seed": seed,
-        "steps": steps, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}}
+    graph["loader"] = {
+        "class_type": "SaRALoader",
+        "inputs": {"model": ["ckpt", 0], "delta_name": "bench.safetensors", "strength": 1.0},
+    }
+    graph["empty"] = {
+        "class_type": "EmptyLatentImage",
+        "inputs": {"width": image_size, "height": image_size, "batch_size": 1},
+    }
+    graph["ks"] = {
+        "class_type": "KSampler",
+        "inputs": {
+            "model": model,
+            "positive": ["pos", 0],
+            "negative": ["pos", 0],
+            "latent_image": ["empty", 0],
+            "seed": seed,
+            "steps": steps,
+            "cfg": 1.0,
+            "sampler_name": "euler",
+            "scheduler": "normal",
+            "denoise": 1.0,
+        },
+    }
     graph["out"] = {"class_type": "SaveLatent", "inputs": {"samples": ["ks", 0], "filename_prefix": "bench"}}
     return graph
 
@@ -188,9 +257,11 @@ def main() -> None:
         unet_sd = load_file(str(unet_path))
         sara_count, per_rank, fixed = trainable_counts(unet_sd)
         rank = max(1, round((sara_count - fixed) / per_rank))
-        print(f"tiny SD1.5 UNet: {sum(t.numel() for t in unet_sd.values()):,} parameters; SaRA budget {BUDGET} = "
-              f"{sara_count:,} entries; Train LoRA rank {rank} = {rank * per_rank + fixed:,} parameters "
-              f"({fixed:,} of them bias/norm diffs)")
+        print(
+            f"tiny SD1.5 UNet: {sum(t.numel() for t in unet_sd.values()):,} parameters; SaRA budget {BUDGET} = "
+            f"{sara_count:,} entries; Train LoRA rank {rank} = {rank * per_rank + fixed:,} parameters "
+            f"({fixed:,} of them bias/norm diffs)"
+        )
 
         rows = []
         for method in ("sara", "lora"):
@@ -206,8 +277,12 @@ def main() -> None:
         for key, tensor in unet_sd.items():
             if key.endswith("weight") and tensor.dim() >= 2:
                 name = "diffusion_model." + key.removesuffix(".weight")
-                lora[f"{name}.lora_up.weight"] = (torch.randn(tensor.shape[0], lora_rank, generator=generator) * 0.01).half()
-                lora[f"{name}.lora_down.weight"] = torch.randn(lora_rank, tensor[0].numel(), generator=generator).half()
+                lora[f"{name}.lora_up.weight"] = (
+                    torch.randn(tensor.shape[0], lora_rank, generator=generator) * 0.01
+                ).half()
+                lora[f"{name}.lora_down.weight"] = torch.randn(
+                    lora_rank, tensor[0].numel(), generator=generator
+                ).half()
         lora_path = base / "models" / "loras" / "bench_lora.safetensors"
         lora_path.parent.mkdir(parents=True, exist_ok=True)
         save_file(lora, str(lora_path))
@@ -215,8 +290,10 @@ def main() -> None:
         apply = measure_apply(unet_path, delta_path, lora_path)
         sampling = measure_sampling(base, args.sample_steps, args.image_size)
 
-    print(f"\nTraining ({args.image_size}x{args.image_size} images, batch 2, fp32, gradient checkpointing, CPU; "
-          f"step time from {args.steps} vs {2 * args.steps} steps)")
+    print(
+        f"\nTraining ({args.image_size}x{args.image_size} images, batch 2, fp32, gradient checkpointing, CPU; "
+        f"step time from {args.steps} vs {2 * args.steps} steps)"
+    )
     print("| method | trainable | peak RSS above loaded model (MiB) | s/step |")
     print("|---|---:|---:|---:|")
     for method, peak, step in rows:

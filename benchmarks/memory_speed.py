@@ -1,7 +1,7 @@
 """Peak memory and step time of SaRA vs other ways to fine-tune the SD1.5 UNet.
 
-    python benchmarks/memory_speed.py                      # CPU setting: batch 2, 32x32 latents
-    python benchmarks/memory_speed.py --setting realistic  # batch 4, 64x64 latents (use a GPU)
+    python -m benchmarks.memory_speed                      # CPU setting: batch 2, 32x32 latents
+    python -m benchmarks.memory_speed --setting realistic  # batch 4, 64x64 latents (use a GPU)
 
 Every method runs in its own process on a diffusers ``UNet2DConditionModel`` with the SD1.5
 configuration and random weights. Peak memory is the peak RSS of the training loop on CPU (the
@@ -9,9 +9,11 @@ kernel's VmHWM, reset after the model is built) or ``torch.cuda.max_memory_alloc
 The "floor" back-propagates through the frozen UNet to its input with nothing trainable: what any
 adapter pays anyway. Overhead = peak - floor peak.
 """
+
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
@@ -76,7 +78,7 @@ def setup(method: str, unet: nn.Module, rank_layers_per_step: int) -> tuple[list
             mask = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
             mask[flat.long()] = True
             weight.requires_grad_(True)
-            weight.register_hook(lambda grad, mask=mask.view_as(weight): grad * mask)
+            weight.register_hook(functools.partial(torch.mul, other=mask.view_as(weight)))
             params.append(weight)
         return params, no_extra
     from peft import LoraConfig, inject_adapter_in_model
@@ -142,8 +144,13 @@ def worker(method: str, setting: str, device: str, steps: int, rank_layers_per_s
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes()
-    return {"method": method, "trainable": sum(p.numel() for p in params), "peak_bytes": peak,
-            "step_s": statistics.median(times[1:]), "rank_loss_s": statistics.median(extra_times[1:])}
+    return {
+        "method": method,
+        "trainable": sum(p.numel() for p in params),
+        "peak_bytes": peak,
+        "step_s": statistics.median(times[1:]),
+        "rank_loss_s": statistics.median(extra_times[1:]),
+    }
 
 
 def main() -> None:
@@ -160,8 +167,20 @@ def main() -> None:
         return
     results = {}
     for method in args.methods:
-        command = [sys.executable, __file__, "--worker", method, "--setting", args.setting, "--device",
-                   args.device, "--steps", str(args.steps), "--rank-layers-per-step", str(args.rank_layers_per_step)]
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            method,
+            "--setting",
+            args.setting,
+            "--device",
+            args.device,
+            "--steps",
+            str(args.steps),
+            "--rank-layers-per-step",
+            str(args.rank_layers_per_step),
+        ]
         print(f"running {method} ...", file=sys.stderr, flush=True)
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results[method] = json.loads(output.strip().splitlines()[-1])
@@ -177,17 +196,25 @@ def print_table(results: dict, args) -> None:
     print("|---|---:|---:|---:|---:|")
     for method, r in results.items():
         overhead = f"{(r['peak_bytes'] - floor) / gib:.2f}" if floor is not None and method != "floor" else "-"
-        print(f"| {method} | {r['trainable'] / 1e6:.1f}M | {r['peak_bytes'] / gib:.2f} | {overhead} | {r['step_s']:.2f} |")
+        print(
+            f"| {method} | {r['trainable'] / 1e6:.1f}M | {r['peak_bytes'] / gib:.2f} | {overhead} "
+            f"| {r['step_s']:.2f} |"
+        )
     if "sara" in results:
         sara = results["sara"]
-        print(f"\nSaRA rank loss ({args.rank_layers_per_step} layers/step): {sara['rank_loss_s']:.3f} s/step, "
-              f"{sara['rank_loss_s'] / sara['step_s']:.1%} of the step")
+        print(
+            f"\nSaRA rank loss ({args.rank_layers_per_step} layers/step): {sara['rank_loss_s']:.3f} s/step, "
+            f"{sara['rank_loss_s'] / sara['step_s']:.1%} of the step"
+        )
         for other in ("lora", "supertuning"):
             if other in results and floor is not None:
                 ratio = (sara["peak_bytes"] - floor) / (results[other]["peak_bytes"] - floor)
                 print(f"SaRA overhead / {other} overhead: {ratio:.2f} (target <= 0.8)")
         if "full" in results:
-            print(f"SaRA peak / full fine-tuning peak: {sara['peak_bytes'] / results['full']['peak_bytes']:.2f} (target <= 0.45)")
+            print(
+                f"SaRA peak / full fine-tuning peak: {sara['peak_bytes'] / results['full']['peak_bytes']:.2f} "
+                "(target <= 0.45)"
+            )
         if "lora" in results:
             print(f"SaRA step / LoRA step: {sara['step_s'] / results['lora']['step_s']:.2f} (target <= 1.10)")
 

@@ -1,11 +1,12 @@
 """Peak memory of ``merge_checkpoint`` (streaming) vs loading the whole checkpoint to merge.
 
-    python benchmarks/merge_memory.py [--size-gib 2]
+    python -m benchmarks.merge_memory [--size-gib 2]
 
 Writes a synthetic fp16 checkpoint of ``--size-gib`` (tensors of 1280x2560, keys
 ``model.diffusion_model.*``) and a delta touching 5% of every tensor, then merges it in a fresh
 process each way and reports the peak RSS of the merge itself (VmHWM reset before it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,15 +39,18 @@ def rss_bytes(field: str) -> int:
 def make_inputs(folder: Path, size_gib: float) -> tuple[Path, Path]:
     count = max(1, round(size_gib * 2**30 / (ROWS * COLS * 2)))
     generator = torch.Generator().manual_seed(0)
-    tensors = {f"model.diffusion_model.block{i}.weight": torch.randn(ROWS, COLS, generator=generator).half()
-               for i in range(count)}
+    tensors = {
+        f"model.diffusion_model.block{i}.weight": torch.randn(ROWS, COLS, generator=generator).half()
+        for i in range(count)
+    }
     checkpoint = folder / "base.safetensors"
     save_file(tensors, str(checkpoint))
     layers = {}
     for key, tensor in tensors.items():
         picked = torch.randperm(tensor.numel(), generator=generator)[: tensor.numel() // 20].sort().values
         layers[key.removeprefix("model.diffusion_model.")] = sara_train.LayerDelta(
-            (ROWS, COLS), picked.to(torch.int32), torch.randn(picked.numel(), generator=generator).half() * 1e-3)
+            (ROWS, COLS), picked.to(torch.int32), torch.randn(picked.numel(), generator=generator).half() * 1e-3
+        )
     delta = folder / "delta.safetensors"
     sara_train.SparseDelta(layers).save(delta)
     del tensors
@@ -80,12 +84,18 @@ def main() -> None:
         rows = []
         for mode in ("streaming", "load-all"):
             out = str(Path(folder) / f"{mode}.safetensors")
-            result = subprocess.run([sys.executable, __file__, "--worker", mode, str(checkpoint), str(delta), out],
-                                    check=True, capture_output=True, text=True).stdout
+            result = subprocess.run(
+                [sys.executable, __file__, "--worker", mode, str(checkpoint), str(delta), out],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
             rows.append(json.loads(result.strip().splitlines()[-1]))
         mib = 2**20
-        print(f"\ncheckpoint {checkpoint.stat().st_size / mib:.0f} MiB (fp16, largest tensor "
-              f"{ROWS * COLS * 2 / mib:.1f} MiB), delta {delta.stat().st_size / mib:.0f} MiB\n")
+        print(
+            f"\ncheckpoint {checkpoint.stat().st_size / mib:.0f} MiB (fp16, largest tensor "
+            f"{ROWS * COLS * 2 / mib:.1f} MiB), delta {delta.stat().st_size / mib:.0f} MiB\n"
+        )
         print("| merge | peak RSS above start (MiB) | seconds |")
         print("|---|---:|---:|")
         for row in rows:

@@ -1,4 +1,5 @@
 """ComfyUI nodes for SaRA deltas: thin adapters between ComfyUI objects and ``sara_train``."""
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@
 ``calculate_weight`` when it patches a weight (full load, lowvram per forward, CheckpointSave), and
 it adds ``strength * values`` at the stored indices. Only the indices and values stay in memory.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,8 +24,17 @@ class SaRAWeightAdapter(WeightAdapterBase):
         self.loaded_keys = loaded_keys
         self.weights = weights
 
-    def calculate_weight(self, weight, key, strength, strength_model, offset, function,
-                         intermediate_dtype=torch.float32, original_weight=None):
+    def calculate_weight(
+        self,
+        weight,
+        key,
+        strength,
+        strength_model,
+        offset,
+        function,
+        intermediate_dtype=torch.float32,
+        original_weight=None,
+    ):
         """``weight`` with ``strength * values`` added at the indices (in fp32, rounded once), in
         place; ``function`` (ComfyUI's hook for patch-specific transforms) is applied to the
         update first, as ComfyUI's LoRA adapter does."""
@@ -46,6 +56,8 @@ def patch_model(model, delta: sara_train.SparseDelta, strength: float, check_bas
     strength = check_strength(strength)
     patcher = model.clone()
     fitted = fit_to_tensors(delta, patcher.model.state_dict(), check_base, "the model")
-    patches = {key: SaRAWeightAdapter({key}, [layer.flat_indices, layer.values]) for key, layer in fitted.layers.items()}
+    patches = {
+        key: SaRAWeightAdapter({key}, [layer.flat_indices, layer.values]) for key, layer in fitted.layers.items()
+    }
     patcher.add_patches(patches, strength)
     return patcher

@@ -1,5 +1,6 @@
 """What the nodes share: the custom types, the "none" choice, and where and under which names files
 are written (one policy for every node that saves: ComfyUI's own numbering)."""
+
 from __future__ import annotations
 
 import os

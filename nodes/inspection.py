@@ -1,4 +1,5 @@
 """SaRA Inspect: the |w| histogram of a model with the thresholds for a few budgets."""
+
 from __future__ import annotations
 
 import folder_paths
@@ -22,11 +23,14 @@ class SaRAInspect(io.ComfyNode):
             display_name="SaRA Inspect",
             category="sara",
             description="Histogram of the weight magnitudes SaRA chooses from, with the threshold each budget "
-                        "gives, and a text summary (plus a delta file's contents if one is chosen).",
+            "gives, and a text summary (plus a delta file's contents if one is chosen).",
             inputs=[
                 io.Model.Input("model"),
-                io.String.Input("budgets", default="0.01, 0.05, 0.1",
-                                tooltip="Fractions of the targeted weights to train, comma-separated."),
+                io.String.Input(
+                    "budgets",
+                    default="0.01, 0.05, 0.1",
+                    tooltip="Fractions of the targeted weights to train, comma-separated.",
+                ),
                 io.Combo.Input("delta_name", options=[NONE, *folder_paths.get_filename_list("sara")], default=NONE),
             ],
             outputs=[io.Image.Output(display_name="histogram"), io.String.Output(display_name="summary")],

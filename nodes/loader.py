@@ -1,4 +1,5 @@
 """SaRA Load and SaRA Apply: a delta (a file in ``models/sara``, or a SARA_DELTA) onto a MODEL at a strength."""
+
 from __future__ import annotations
 
 import folder_paths
@@ -20,11 +21,14 @@ class SaRALoader(io.ComfyNode):
             display_name="SaRA Load",
             category="sara",
             description="Add a SaRA delta (models/sara) to a model. It is merged into the weights when the "
-                        "model loads, so sampling is exactly as fast as with the base model.",
+            "model loads, so sampling is exactly as fast as with the base model.",
             inputs=[
                 io.Model.Input("model"),
-                io.Combo.Input("delta_name", options=folder_paths.get_filename_list("sara"),
-                               tooltip="A .safetensors delta in models/sara."),
+                io.Combo.Input(
+                    "delta_name",
+                    options=folder_paths.get_filename_list("sara"),
+                    tooltip="A .safetensors delta in models/sara.",
+                ),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01, tooltip=STRENGTH_TOOLTIP),
             ],
             outputs=[io.Model.Output()],

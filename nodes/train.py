@@ -1,9 +1,9 @@
 """SaRA Train: fine-tune the smallest-|w| entries of a MODEL on latents inside a ComfyUI graph."""
+
 from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 
@@ -25,7 +25,7 @@ from .train_loop import CancelWatch, SaRATrainSampler, StepReport, TrainOutcome,
 log = logging.getLogger("comfyui-sara")
 LOSS_EVENT = "sara.loss"
 RANK_LAYERS_PER_STEP = 4
-"""Layers whose nuclear norm is taken per step, in rotation (measured at 0.5% of a step)."""
+"""Layers whose nuclear norm is taken per step, in rotation (the README's benchmark gives its cost)."""
 TRAINING_DTYPES = ("bf16", "fp32")
 """Compute dtypes offered (names of ``sara_train.DTYPES``); fp32 trains in the model's own precision."""
 
@@ -38,40 +38,94 @@ class SaRATrain(io.ComfyNode):
             display_name="SaRA Train",
             category="sara",
             description="Fine-tune a model with SaRA: only the weight entries with the smallest |w| train, as a "
-                        "sparse update kept low-rank by a nuclear-norm loss and re-selected half way.",
+            "sparse update kept low-rank by a nuclear-norm loss and re-selected half way.",
             is_input_list=True,
             inputs=[
                 io.Model.Input("model", tooltip="The model to fine-tune (it is not changed; the output is a copy)."),
-                io.Latent.Input("latents", tooltip="Training images encoded with VAE Encode: one batch, or a list "
-                                                   "(images of different sizes train in per-size batches)."),
-                io.Conditioning.Input("positive", tooltip="One conditioning for all images, or one per image (a "
-                                                          "list, or one conditioning with one entry per image)."),
+                io.Latent.Input(
+                    "latents",
+                    tooltip="Training images encoded with VAE Encode: one batch, or a list "
+                    "(images of different sizes train in per-size batches).",
+                ),
+                io.Conditioning.Input(
+                    "positive",
+                    tooltip="One conditioning for all images, or one per image (a "
+                    "list, or one conditioning with one entry per image).",
+                ),
                 io.Int.Input("steps", default=200, min=1, max=1_000_000, tooltip="Optimizer steps."),
                 io.Int.Input("batch_size", default=1, min=1, max=1024),
-                io.Int.Input("grad_accumulation", default=1, min=1, max=1024,
-                             tooltip="Batches whose gradients are summed per optimizer step."),
+                io.Int.Input(
+                    "grad_accumulation",
+                    default=1,
+                    min=1,
+                    max=1024,
+                    tooltip="Batches whose gradients are summed per optimizer step.",
+                ),
                 io.Float.Input("learning_rate", default=1e-4, min=1e-8, max=1.0, step=1e-6),
-                io.Float.Input("budget", default=0.05, min=1e-6, max=1.0, step=0.001,
-                               tooltip="Fraction of the weight entries that train (the smallest |w|)."),
-                io.Float.Input("threshold", default=0.0, min=0.0, max=10.0, step=1e-5,
-                               tooltip="If > 0, train the entries with |w| below this instead of using the budget."),
-                io.Float.Input("rank_loss_weight", default=1e-4, min=0.0, max=10.0, step=1e-5,
-                               tooltip="Weight of the nuclear-norm loss that keeps each layer's update low-rank."),
-                io.Float.Input("progressive_fraction", default=0.5, min=0.0, max=1.0, step=0.05,
-                               tooltip="Re-select the entries still below the threshold after this fraction of "
-                                       "the steps (0 = never)."),
+                io.Float.Input(
+                    "budget",
+                    default=0.05,
+                    min=1e-6,
+                    max=1.0,
+                    step=0.001,
+                    tooltip="Fraction of the weight entries that train (the smallest |w|).",
+                ),
+                io.Float.Input(
+                    "threshold",
+                    default=0.0,
+                    min=0.0,
+                    max=10.0,
+                    step=1e-5,
+                    tooltip="If > 0, train the entries with |w| below this instead of using the budget.",
+                ),
+                io.Float.Input(
+                    "rank_loss_weight",
+                    default=1e-4,
+                    min=0.0,
+                    max=10.0,
+                    step=1e-5,
+                    tooltip="Weight of the nuclear-norm loss that keeps each layer's update low-rank.",
+                ),
+                io.Float.Input(
+                    "progressive_fraction",
+                    default=0.5,
+                    min=0.0,
+                    max=1.0,
+                    step=0.05,
+                    tooltip="Re-select the entries still below the threshold after this fraction of "
+                    "the steps (0 = never).",
+                ),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF),
-                io.Combo.Input("training_dtype", options=list(TRAINING_DTYPES), default="bf16",
-                               tooltip="Mixed-precision compute dtype; the trainable values stay fp32."),
-                io.Boolean.Input("gradient_checkpointing", default=True,
-                                 tooltip="Recompute activations in backward: less memory, more time per step."),
-                io.Int.Input("save_every", default=0, min=0, max=1_000_000,
-                             tooltip="Write the delta to models/sara every N steps (0 = off)."),
-                io.String.Input("save_prefix", default="sara_delta",
-                                tooltip="File name prefix of the periodic saves in models/sara "
-                                        "(<prefix>_<NNNNN>_step<N>.safetensors; may name a subfolder)."),
-                io.Combo.Input("existing_delta", options=[NONE, *folder_paths.get_filename_list("sara")],
-                               default=NONE, tooltip="Continue training from this delta (models/sara)."),
+                io.Combo.Input(
+                    "training_dtype",
+                    options=list(TRAINING_DTYPES),
+                    default="bf16",
+                    tooltip="Mixed-precision compute dtype; the trainable values stay fp32.",
+                ),
+                io.Boolean.Input(
+                    "gradient_checkpointing",
+                    default=True,
+                    tooltip="Recompute activations in backward: less memory, more time per step.",
+                ),
+                io.Int.Input(
+                    "save_every",
+                    default=0,
+                    min=0,
+                    max=1_000_000,
+                    tooltip="Write the delta to models/sara every N steps (0 = off).",
+                ),
+                io.String.Input(
+                    "save_prefix",
+                    default="sara_delta",
+                    tooltip="File name prefix of the periodic saves in models/sara "
+                    "(<prefix>_<NNNNN>_step<N>.safetensors; may name a subfolder).",
+                ),
+                io.Combo.Input(
+                    "existing_delta",
+                    options=[NONE, *folder_paths.get_filename_list("sara")],
+                    default=NONE,
+                    tooltip="Continue training from this delta (models/sara).",
+                ),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The input model with the learned delta applied."),
@@ -87,8 +141,10 @@ class SaRATrain(io.ComfyNode):
         options = {name: values[0] for name, values in options.items()}
         model = model[0]
         with torch.inference_mode(False):
-            data = build_training_set([clone_tensors(latent) for latent in latents],
-                                      [clone_tensors(conditioning) for conditioning in positive])
+            data = build_training_set(
+                [clone_tensors(latent) for latent in latents],
+                [clone_tensors(conditioning) for conditioning in positive],
+            )
             settings = settings_from_options(options)
             periodic = PeriodicSaver(options["save_every"], options["save_prefix"], settings.steps)
             node_id = cls.hidden.unique_id
@@ -96,8 +152,9 @@ class SaRATrain(io.ComfyNode):
             started = time.perf_counter()
 
             def on_step(report: StepReport) -> None:
-                PromptServer.instance.send_sync(LOSS_EVENT, {"node": node_id, "step": report.step,
-                                                             "total": settings.steps, "loss": report.loss})
+                PromptServer.instance.send_sync(
+                    LOSS_EVENT, {"node": node_id, "step": report.step, "total": settings.steps, "loss": report.loss}
+                )
                 periodic.maybe_save(report)
                 cancel.progress(report.step)
 
@@ -106,22 +163,39 @@ class SaRATrain(io.ComfyNode):
             metadata = training_metadata(model, data, options, settings, outcome.losses, seconds)
             delta = SparseDelta(outcome.delta.layers, outcome.delta.selection, metadata)
             if outcome.stopped_early:
-                log.warning("SaRA Train: stopped after %d of %d steps: %s", outcome.steps_done, settings.steps,
-                            outcome.stopped_early)
+                log.warning(
+                    "SaRA Train: stopped after %d of %d steps: %s",
+                    outcome.steps_done,
+                    settings.steps,
+                    outcome.stopped_early,
+                )
             if outcome.cancelled:
-                log.warning("SaRA Train: cancelled after %d of %d steps; returning what was learned",
-                            outcome.steps_done, settings.steps)
+                log.warning(
+                    "SaRA Train: cancelled after %d of %d steps; returning what was learned",
+                    outcome.steps_done,
+                    settings.steps,
+                )
                 if outcome.steps_done:
                     periodic.save(outcome.steps_done, delta)
-            log.info("SaRA Train: %d steps in %.1f s, %s trainable entries, final loss %s", outcome.steps_done,
-                     seconds, f"{outcome.num_trainable:,}", f"{outcome.losses[-1]:.5f}" if outcome.losses else "-")
+            log.info(
+                "SaRA Train: %d steps in %.1f s, %s trainable entries, final loss %s",
+                outcome.steps_done,
+                seconds,
+                f"{outcome.num_trainable:,}",
+                f"{outcome.losses[-1]:.5f}" if outcome.losses else "-",
+            )
         trained_model = patch_model(model, delta, 1.0, check_base=False)
         ui = {"sara_loss": outcome.losses, "sara_status": [status_line(outcome, settings.steps, seconds)]}
         return io.NodeOutput(trained_model, delta, {"loss": outcome.losses}, ui=ui)
 
 
-def train(model, data: TrainingSet, settings: TrainSettings, on_step: Callable[[StepReport], None],
-          should_stop: Callable[[], bool]) -> TrainOutcome:
+def train(
+    model,
+    data: TrainingSet,
+    settings: TrainSettings,
+    on_step: Callable[[StepReport], None],
+    should_stop: Callable[[], bool],
+) -> TrainOutcome:
     """Train SaRA on a clone of ``model`` (a ModelPatcher) through ComfyUI's sampling machinery."""
     patcher = model.clone()
     if settings.autocast_dtype is not None:
@@ -154,13 +228,19 @@ def settings_from_options(options: dict) -> TrainSettings:
     if options["existing_delta"] not in (None, NONE):
         existing = SparseDelta.load(folder_paths.get_full_path_or_raise("sara", options["existing_delta"]))
     return TrainSettings(
-        steps=steps, batch_size=options["batch_size"], grad_accumulation=options["grad_accumulation"],
-        learning_rate=options["learning_rate"], selection=selection, rank_weight=options["rank_loss_weight"],
+        steps=steps,
+        batch_size=options["batch_size"],
+        grad_accumulation=options["grad_accumulation"],
+        learning_rate=options["learning_rate"],
+        selection=selection,
+        rank_weight=options["rank_loss_weight"],
         rank_layers_per_step=RANK_LAYERS_PER_STEP,
         progressive_at=progressive_at if 0 < progressive_at < steps else None,
         seed=options["seed"],
         autocast_dtype=None if options["training_dtype"] == "fp32" else DTYPES[options["training_dtype"]],
-        gradient_checkpointing=options["gradient_checkpointing"], existing=existing)
+        gradient_checkpointing=options["gradient_checkpointing"],
+        existing=existing,
+    )
 
 
 class PeriodicSaver:
@@ -192,8 +272,9 @@ class PeriodicSaver:
         log.info("SaRA Train: saved %s", path)
 
 
-def training_metadata(model, data: TrainingSet, options: dict, settings: TrainSettings, losses: list[float],
-                      seconds: float) -> dict[str, str]:
+def training_metadata(
+    model, data: TrainingSet, options: dict, settings: TrainSettings, losses: list[float], seconds: float
+) -> dict[str, str]:
     """What a saved delta records about how it was made (strings, for safetensors metadata)."""
     steps_done = len(losses)
     metadata = {
@@ -204,9 +285,20 @@ def training_metadata(model, data: TrainingSet, options: dict, settings: TrainSe
         "training_seconds": f"{seconds:.1f}",
         "final_loss": f"{losses[-1]:.6g}" if losses else "",
     }
-    for name in ("steps", "batch_size", "grad_accumulation", "learning_rate", "budget", "threshold",
-                 "rank_loss_weight", "progressive_fraction", "seed", "training_dtype", "gradient_checkpointing",
-                 "existing_delta"):
+    for name in (
+        "steps",
+        "batch_size",
+        "grad_accumulation",
+        "learning_rate",
+        "budget",
+        "threshold",
+        "rank_loss_weight",
+        "progressive_fraction",
+        "seed",
+        "training_dtype",
+        "gradient_checkpointing",
+        "existing_delta",
+    ):
         metadata[f"option_{name}"] = str(options[name])
     if settings.existing is not None:
         previous = settings.existing.metadata.get("steps", "")
@@ -218,8 +310,10 @@ def training_metadata(model, data: TrainingSet, options: dict, settings: TrainSe
 def status_line(outcome: TrainOutcome, total_steps: int, seconds: float) -> str:
     state = "cancelled" if outcome.cancelled else "stopped early" if outcome.stopped_early else "done"
     loss = f", final loss {outcome.losses[-1]:.4f}" if outcome.losses else ""
-    return (f"{state}: {outcome.steps_done}/{total_steps} steps in {seconds:.1f} s, "
-            f"{outcome.num_trainable:,} trainable entries{loss}")
+    return (
+        f"{state}: {outcome.steps_done}/{total_steps} steps in {seconds:.1f} s, "
+        f"{outcome.num_trainable:,} trainable entries{loss}"
+    )
 
 
 def clone_tensors(value):

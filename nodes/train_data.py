@@ -5,6 +5,7 @@ LATENTs (e.g. from a list-producing loader); one CONDITIONING shared by every im
 image (several CONDITIONINGs, or one CONDITIONING with exactly one entry per image, the
 convention of ComfyUI's own Train LoRA node).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -52,8 +53,10 @@ def build_training_set(latents: list[dict], conditionings: list[list]) -> Traini
     if not images:
         raise ValueError("no training images: the latent batch is empty")
     if all(not torch.count_nonzero(image) for image in images):
-        raise ValueError("every training latent is all zeros (an Empty Latent Image?): encode your training "
-                         "images with VAE Encode and connect that LATENT")
+        raise ValueError(
+            "every training latent is all zeros (an Empty Latent Image?): encode your training "
+            "images with VAE Encode and connect that LATENT"
+        )
 
     for number, conditioning in enumerate(conditionings, start=1):
         _check_conditioning(conditioning, number)
@@ -64,14 +67,18 @@ def build_training_set(latents: list[dict], conditionings: list[list]) -> Traini
     elif len(conditionings) == len(images):
         conditioning_ids = list(range(len(images)))
     else:
-        raise ValueError(f"got {len(conditionings)} conditionings for {len(images)} training images: give one "
-                         "shared conditioning or exactly one per image")
+        raise ValueError(
+            f"got {len(conditionings)} conditionings for {len(images)} training images: give one "
+            "shared conditioning or exactly one per image"
+        )
 
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for index, image in enumerate(images):
         by_shape.setdefault(tuple(image.shape), []).append(index)
-    buckets = [Bucket(torch.stack([images[i] for i in indices]).float(), [conditioning_ids[i] for i in indices])
-               for indices in by_shape.values()]
+    buckets = [
+        Bucket(torch.stack([images[i] for i in indices]).float(), [conditioning_ids[i] for i in indices])
+        for indices in by_shape.values()
+    ]
     return TrainingSet(buckets, conditionings)
 
 

@@ -8,6 +8,7 @@ the clean latent through the guider (ComfyUI's model wrapper) and takes the MSE 
 output space (``x0_per_model_output``). Afterwards the learned update is taken as a
 ``SparseDelta`` and the shared weights are restored bit-exactly.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -92,17 +93,20 @@ class SaRATrainSampler(comfy.samplers.Sampler):
     should_stop: Callable[[], bool]
     outcome: TrainOutcome | None = field(default=None, init=False)
 
-    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
-               disable_pbar=False):
+    def sample(
+        self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False
+    ):
         base_model = model_wrap.inner_model
         network: nn.Module = base_model.diffusion_model
         device = next(network.parameters()).device
-        buckets = [Bucket(base_model.process_latent_in(b.latents.to(device)), b.conditioning_ids)
-                   for b in self.data.buckets]
+        buckets = [
+            Bucket(base_model.process_latent_in(b.latents.to(device)), b.conditioning_ids) for b in self.data.buckets
+        ]
         all_conds = model_wrap.conds["positive"]
         if len(all_conds) != self.conditioning_slices[-1].stop:
-            raise RuntimeError(f"ComfyUI prepared {len(all_conds)} conditioning entries, expected "
-                               f"{self.conditioning_slices[-1].stop}")
+            raise RuntimeError(
+                f"ComfyUI prepared {len(all_conds)} conditioning entries, expected {self.conditioning_slices[-1].stop}"
+            )
         with contextlib.ExitStack() as cleanup:
             make_trainable_tensors(network)
             existing = self.settings.existing
@@ -110,9 +114,13 @@ class SaRATrainSampler(comfy.samplers.Sampler):
                 existing = existing.fit(network)
                 cleanup.callback(existing.apply_to(network).restore)
             optimizer = sara_train.SaRAAdamW(  # on failure it leaves the shared network as it was
-                network, lr=self.settings.learning_rate, config=self.settings.selection,
-                rank_weight=self.settings.rank_weight, rank_layers_per_step=self.settings.rank_layers_per_step,
-                progressive_at=self.settings.progressive_at)
+                network,
+                lr=self.settings.learning_rate,
+                config=self.settings.selection,
+                rank_weight=self.settings.rank_weight,
+                rank_layers_per_step=self.settings.rank_layers_per_step,
+                progressive_at=self.settings.progressive_at,
+            )
             handle = optimizer.handle
             cleanup.callback(handle.remove, merge=False)
             if self.settings.gradient_checkpointing:
@@ -132,35 +140,45 @@ class SaRATrainSampler(comfy.samplers.Sampler):
                         cancelled = True
                         break
                     try:
-                        loss = sum(self._micro_batch(model_wrap, extra_args, buckets, all_conds, generator)
-                                   for _ in range(self.settings.grad_accumulation)) / self.settings.grad_accumulation
+                        loss = (
+                            sum(
+                                self._micro_batch(model_wrap, extra_args, buckets, all_conds, generator)
+                                for _ in range(self.settings.grad_accumulation)
+                            )
+                            / self.settings.grad_accumulation
+                        )
                     except comfy.model_management.InterruptProcessingException:
                         # Cancel seen by ComfyUI's layers mid-step (they check on every op): drop this step.
                         optimizer.zero_grad(set_to_none=True)
                         cancelled = True
                         break
                     if not math.isfinite(loss):
-                        raise ValueError(f"the training loss became {loss} at step {step}; lower the learning "
-                                         "rate or check the training data")
+                        raise ValueError(
+                            f"the training loss became {loss} at step {step}; lower the learning "
+                            "rate or check the training data"
+                        )
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     losses.append(loss)
                     self.on_step(StepReport(step, loss, current_delta))
                     if handle.num_trainable == 0:
-                        stopped_early = (f"the progressive step after step {step} left no entry trainable (every "
-                                         f"learned |value| reached the threshold {handle.threshold:.3g})")
+                        stopped_early = (
+                            f"the progressive step after step {step} left no entry trainable (every "
+                            f"learned |value| reached the threshold {handle.threshold:.3g})"
+                        )
                         break
             finally:
                 model_wrap.conds["positive"] = all_conds
             self.outcome = TrainOutcome(current_delta(), losses, cancelled, handle.num_trainable, stopped_early)
         return torch.zeros_like(latent_image)
 
-    def _micro_batch(self, model_wrap, extra_args, buckets: list[Bucket], all_conds: list,
-                     generator: torch.Generator) -> float:
+    def _micro_batch(
+        self, model_wrap, extra_args, buckets: list[Bucket], all_conds: list, generator: torch.Generator
+    ) -> float:
         """Forward and backward one batch (scaled for accumulation); returns its mean loss."""
         sizes = torch.tensor([len(b.conditioning_ids) for b in buckets], dtype=torch.float)
         bucket = buckets[int(torch.multinomial(sizes, 1, generator=generator))]
-        rows = torch.randperm(len(bucket.conditioning_ids), generator=generator)[:self.settings.batch_size]
+        rows = torch.randperm(len(bucket.conditioning_ids), generator=generator)[: self.settings.batch_size]
         model_sampling = model_wrap.inner_model.model_sampling
         percents = torch.rand(len(rows), generator=generator).clamp(PERCENT_MARGIN, 1 - PERCENT_MARGIN)
         device = bucket.latents.device
@@ -201,7 +219,9 @@ def make_trainable_tensors(root: nn.Module) -> None:
             for name, tensor in store.items():
                 if tensor is not None and tensor.is_inference():
                     copy = tensor.clone()
-                    store[name] = nn.Parameter(copy, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else copy
+                    store[name] = (
+                        nn.Parameter(copy, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else copy
+                    )
 
 
 def x0_per_model_output(model_sampling, sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

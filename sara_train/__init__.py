@@ -16,13 +16,41 @@ The package is layered, imports pointing one way:
 
 ``import sara_train`` needs neither diffusers nor transformers (only the trainer and demo do).
 """
+
 from . import families  # noqa: F401  (registers the model families' key namings with engine.apply)
-from .engine import (DTYPES, DeltaFormatError, DeltaMismatchError, DeltaSummary, LayerDelta, RestorePoint,
-                     SaRAAdamW, SaRAConfig, SaRAError, SaRAHandle, SparseDelta, apply_delta, fit_delta, inject,
-                     merge_checkpoint)
+from .engine import (
+    DTYPES,
+    DeltaFormatError,
+    DeltaMismatchError,
+    DeltaSummary,
+    LayerDelta,
+    RestorePoint,
+    SaRAAdamW,
+    SaRAConfig,
+    SaRAError,
+    SaRAHandle,
+    SparseDelta,
+    apply_delta,
+    fit_delta,
+    inject,
+    merge_checkpoint,
+)
 
 __all__ = [
-    "DTYPES", "DeltaFormatError", "DeltaMismatchError", "DeltaSummary", "LayerDelta", "RestorePoint", "SaRAAdamW",
-    "SaRAConfig", "SaRAError", "SaRAHandle", "SparseDelta", "apply_delta", "fit_delta", "inject", "merge_checkpoint",
+    "DTYPES",
+    "DeltaFormatError",
+    "DeltaMismatchError",
+    "DeltaSummary",
+    "LayerDelta",
+    "RestorePoint",
+    "SaRAAdamW",
+    "SaRAConfig",
+    "SaRAError",
+    "SaRAHandle",
+    "SparseDelta",
+    "apply_delta",
+    "fit_delta",
+    "inject",
+    "merge_checkpoint",
 ]
 __version__ = "0.2.0"

@@ -1,4 +1,5 @@
 """``python -m sara_train`` = the ``sara-train`` command."""
+
 import sys
 
 from .cli import main

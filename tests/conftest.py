@@ -1,4 +1,5 @@
 """Shared small models for the engine tests."""
+
 from __future__ import annotations
 
 import pytest
@@ -61,9 +62,16 @@ def comfy(tmp_path_factory):
     """
     import pickle
 
-    from tools.comfyui_server import (ComfyUIServer, make_delta, make_lora, write_tiny_sd15_checkpoint,
-                                write_training_images, write_tiny_unet)
     from safetensors.torch import load_file, save_file
+
+    from tools.comfyui_server import (
+        ComfyUIServer,
+        make_delta,
+        make_lora,
+        write_tiny_sd15_checkpoint,
+        write_tiny_unet,
+        write_training_images,
+    )
 
     base_dir = tmp_path_factory.mktemp("comfyui")
     unet_path = write_tiny_unet(base_dir / "models" / "unet" / "tiny.safetensors")

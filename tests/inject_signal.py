@@ -7,14 +7,15 @@ so that its CALL-th call first raises SIGNAL (``SIGINT`` or ``SIGTERM``) in the 
 ``sara_train.cli.main(ARGS)`` and exits with its status. Under ``torchrun``, set ``INJECT_RANK``
 to signal only the process of that rank.
 """
-import os
+
 import importlib
+import os
 import signal
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_cli import signal_on_call  # noqa: E402
+from train_cli import signal_on_call
 
 
 def install(target: str, call: int, signal_name: str) -> None:
@@ -34,4 +35,4 @@ if __name__ == "__main__":
             install(triples[start], int(triples[start + 1]), triples[start + 2])
     from sara_train.cli import main
 
-    sys.exit(main(sys.argv[split + 1:]))
+    sys.exit(main(sys.argv[split + 1 :]))

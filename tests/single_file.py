@@ -6,6 +6,7 @@ UNet under ``model.diffusion_model.`` (names from ``sara_train.families.sd_unet`
 ``first_stage_model.`` (LDM VAE names; attention projections as 1x1 convolutions), CLIP text
 encoder under ``cond_stage_model.transformer.text_model.``. SD1.x layout only.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,12 +33,23 @@ def write_single_file_checkpoint(pipeline_folder: Path, out_path: Path) -> Path:
     vae = load_file(folder / "vae" / "diffusion_pytorch_model.safetensors")
     vae_config = json.loads((folder / "vae" / "config.json").read_text())
     text_encoder = load_file(folder / "text_encoder" / "model.safetensors")
-    checkpoint = {f"model.diffusion_model.{ldm}": unet[key]
-                  for key, ldm in diffusers_to_ldm_unet_keys(unet, unet_config).items()}
-    checkpoint.update({f"first_stage_model.{vae_key_to_ldm(key, len(vae_config['up_block_types']))}":
-                       vae_tensor_to_ldm(key, tensor) for key, tensor in vae.items()})
-    checkpoint.update({"cond_stage_model.transformer.text_model." + key.removeprefix("text_model."): tensor
-                       for key, tensor in text_encoder.items()})
+    checkpoint = {
+        f"model.diffusion_model.{ldm}": unet[key] for key, ldm in diffusers_to_ldm_unet_keys(unet, unet_config).items()
+    }
+    checkpoint.update(
+        {
+            f"first_stage_model.{vae_key_to_ldm(key, len(vae_config['up_block_types']))}": vae_tensor_to_ldm(
+                key, tensor
+            )
+            for key, tensor in vae.items()
+        }
+    )
+    checkpoint.update(
+        {
+            "cond_stage_model.transformer.text_model." + key.removeprefix("text_model."): tensor
+            for key, tensor in text_encoder.items()
+        }
+    )
     save_file({key: tensor.contiguous() for key, tensor in checkpoint.items()}, str(out_path))
     return Path(out_path)
 
@@ -46,10 +58,16 @@ def vae_key_to_ldm(key: str, num_up_blocks: int) -> str:
     """The LDM name of a diffusers ``AutoencoderKL`` key (decoder up blocks are numbered in reverse)."""
     key = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", key)
     key = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", key)
-    key = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.",
-                 lambda m: f"decoder.up.{num_up_blocks - 1 - int(m.group(1))}.block.", key)
-    key = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
-                 lambda m: f"decoder.up.{num_up_blocks - 1 - int(m.group(1))}.upsample.", key)
+    key = re.sub(
+        r"^decoder\.up_blocks\.(\d+)\.resnets\.",
+        lambda m: f"decoder.up.{num_up_blocks - 1 - int(m.group(1))}.block.",
+        key,
+    )
+    key = re.sub(
+        r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+        lambda m: f"decoder.up.{num_up_blocks - 1 - int(m.group(1))}.upsample.",
+        key,
+    )
     key = re.sub(r"\.mid_block\.resnets\.(\d+)\.", lambda m: f".mid.block_{int(m.group(1)) + 1}.", key)
     key = key.replace(".mid_block.attentions.0.", ".mid.attn_1.")
     key = key.replace(".conv_norm_out.", ".norm_out.")

@@ -1,20 +1,34 @@
 """Every defect the adversarial pass found, reproduced by its attack. Each test failed on the code
 before the fix. (The signal attacks are in ``test_signals.py``.)
 
-| attack | test |
-|---|---|
-| a failed SaRA Train (NaN learning rate, an error after injection) poisons ComfyUI's cached model | ``test_failed_optimizer_or_injection_leaves_the_model_as_it_was``, ``test_a_failed_train_leaves_comfyuis_shared_model_clean`` |
-| ``merge --out`` = ``--delta``, an existing or special ``--out``, the merge node onto its own input | ``test_merge_never_destroys_an_input_or_an_existing_file``, ``test_merge_node_never_writes_over_its_input`` |
-| NaN / inf strength in ``apply_to``, SaRA Load / Apply, ``merge --delta f:nan`` | ``test_non_finite_strengths_are_refused``, ``test_comfyui_refuses_non_finite_strengths`` |
-| a progressive step that freezes every entry | ``test_a_reselection_that_freezes_everything_stops_and_saves``, ``test_comfyui_train_stops_when_everything_froze`` |
-| an unwritable ``--output-dir`` / ``--out`` found after the work | ``test_unwritable_outputs_fail_before_any_work`` |
-| key resolution depends on the hash seed | ``test_key_resolution_is_the_same_under_every_hash_seed``, ``test_ambiguous_keys_are_refused`` |
-| merging a delta into a checkpoint that already holds it | ``test_merging_the_same_delta_twice_is_refused`` |
-| a 1 x 200,000 PNG upscaled before cropping | ``test_a_tiny_extreme_image_costs_little_memory`` |
-| ``[train]`` dropping top-level keys, a negative ``--rank-layers-per-step``, resuming on replaced data, the same folder spelled otherwise | ``test_toml_top_level_and_train_table_both_count``, ``test_silently_ignored_options_are_refused``, ``test_resume_refuses_changed_data_but_not_another_spelling`` |
-| tracebacks instead of one-line errors | ``test_malformed_delta_metadata_is_a_format_error``, ``test_checkpoint_header_that_lies_about_sizes``, ``test_bad_train_options_are_one_line_errors_before_loading``, ``test_train_problems_found_later_are_one_line_errors`` |
-| ``inspect --json`` NaN and terminal escapes; bf16+fp16 stacking; ``--out`` inside ``--base`` and link loops; the data folder as ``--output-dir`` | ``test_inspect_output_is_valid_json_and_inert_text``, ``test_stacking_mixed_half_dtypes_keeps_fp32``, ``test_folder_merge_refuses_out_inside_base_and_link_loops``, ``test_data_folder_as_output_dir_is_refused`` |
+Attacks and their tests:
+
+- A failed SaRA Train (NaN learning rate, an error after injection) poisons ComfyUI's cached model:
+  ``test_failed_optimizer_or_injection_leaves_the_model_as_it_was``,
+  ``test_a_failed_train_leaves_comfyuis_shared_model_clean``.
+- ``merge --out`` = ``--delta``, an existing or special ``--out``, the merge node onto its own input:
+  ``test_merge_never_destroys_an_input_or_an_existing_file``, ``test_merge_node_never_writes_over_its_input``.
+- NaN / inf strength in ``apply_to``, SaRA Load / Apply, ``merge --delta f:nan``:
+  ``test_non_finite_strengths_are_refused``, ``test_comfyui_refuses_non_finite_strengths``.
+- A progressive step that freezes every entry: ``test_a_reselection_that_freezes_everything_stops_and_saves``,
+  ``test_comfyui_train_stops_when_everything_froze``.
+- An unwritable ``--output-dir`` / ``--out`` found after the work: ``test_unwritable_outputs_fail_before_any_work``.
+- Key resolution depends on the hash seed: ``test_key_resolution_is_the_same_under_every_hash_seed``,
+  ``test_ambiguous_keys_are_refused``.
+- Merging a delta into a checkpoint that already holds it: ``test_merging_the_same_delta_twice_is_refused``.
+- A 1 x 200,000 PNG upscaled before cropping: ``test_a_tiny_extreme_image_costs_little_memory``.
+- ``[train]`` dropping top-level keys, a negative ``--rank-layers-per-step``, resuming on replaced data, the
+  same folder spelled otherwise: ``test_toml_top_level_and_train_table_both_count``,
+  ``test_silently_ignored_options_are_refused``, ``test_resume_refuses_changed_data_but_not_another_spelling``.
+- Tracebacks instead of one-line errors: ``test_malformed_delta_metadata_is_a_format_error``,
+  ``test_checkpoint_header_that_lies_about_sizes``, ``test_bad_train_options_are_one_line_errors_before_loading``,
+  ``test_train_problems_found_later_are_one_line_errors``.
+- ``inspect --json`` NaN and terminal escapes, bf16+fp16 stacking, ``--out`` inside ``--base`` and link loops,
+  the data folder as ``--output-dir``: ``test_inspect_output_is_valid_json_and_inert_text``,
+  ``test_stacking_mixed_half_dtypes_keeps_fp32``, ``test_folder_merge_refuses_out_inside_base_and_link_loops``,
+  ``test_data_folder_as_output_dir_is_refused``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,7 +41,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tools.comfyui_server import execution_error
 from conftest import TinyNet
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -37,6 +50,7 @@ from train_cli import REPO, read_delta, stray_signals_fail_the_test, train_args
 import sara_train
 from sara_train import DeltaFormatError, DeltaMismatchError, SaRAError
 from sara_train.cli import main
+from tools.comfyui_server import execution_error
 
 
 def cli(*args, capsys=None) -> tuple[int, str]:
@@ -95,12 +109,18 @@ def test_a_failed_train_leaves_comfyuis_shared_model_clean(comfy) -> None:
     assert entry["status"]["status_str"] == "error" and "channels" in execution_error(entry), execution_error(entry)
 
     graph = train_graph(steps=2)
-    graph["save"] = {"class_type": "ModelSave", "inputs": {"model": ["ckpt", 0],
-                                                           "filename_prefix": "diffusion_models/after_failures"}}
-    graph["load"] = {"class_type": "SaRALoader", "inputs": {"model": ["ckpt", 0], "delta_name": "a.safetensors",
-                                                            "strength": 1.0}}
-    graph["sampled"] = {"class_type": "ModelSave", "inputs": {"model": ["load", 0],
-                                                              "filename_prefix": "diffusion_models/after_failures_a"}}
+    graph["save"] = {
+        "class_type": "ModelSave",
+        "inputs": {"model": ["ckpt", 0], "filename_prefix": "diffusion_models/after_failures"},
+    }
+    graph["load"] = {
+        "class_type": "SaRALoader",
+        "inputs": {"model": ["ckpt", 0], "delta_name": "a.safetensors", "strength": 1.0},
+    }
+    graph["sampled"] = {
+        "class_type": "ModelSave",
+        "inputs": {"model": ["load", 0], "filename_prefix": "diffusion_models/after_failures_a"},
+    }
     server.run_ok(graph)  # SaRA Train is not "already parametrized", SaRA Load finds its keys
     (saved,) = (server.base / "output" / "diffusion_models").glob("after_failures_0*.safetensors")
     saved = {k.removeprefix("model.diffusion_model."): v for k, v in load_file(str(saved)).items()}
@@ -143,9 +163,23 @@ def test_merge_node_never_writes_over_its_input(comfy) -> None:
     server, _ = comfy
     checkpoint = server.base / "models" / "checkpoints" / "tiny_ckpt.safetensors"
     before = checkpoint.read_bytes()
-    server.run_ok({"merge": {"class_type": "SaRAMergeCheckpoint", "inputs": {
-        "ckpt_name": "tiny_ckpt.safetensors", "delta_1": "a.safetensors", "strength_1": 1.0, "delta_2": "[None]",
-        "strength_2": 1.0, "delta_3": "[None]", "strength_3": 1.0, "filename_prefix": "tiny_ckpt"}}})
+    server.run_ok(
+        {
+            "merge": {
+                "class_type": "SaRAMergeCheckpoint",
+                "inputs": {
+                    "ckpt_name": "tiny_ckpt.safetensors",
+                    "delta_1": "a.safetensors",
+                    "strength_1": 1.0,
+                    "delta_2": "[None]",
+                    "strength_2": 1.0,
+                    "delta_3": "[None]",
+                    "strength_3": 1.0,
+                    "filename_prefix": "tiny_ckpt",
+                },
+            }
+        }
+    )
     assert checkpoint.read_bytes() == before
     assert (checkpoint.parent / "tiny_ckpt_00001_.safetensors").exists()
 
@@ -162,8 +196,9 @@ def test_non_finite_strengths_are_refused(tiny_net: TinyNet, strength: float, tm
     with pytest.raises(SaRAError, match="finite"):
         sara_train.SparseDelta.stack([delta, delta], [1.0, strength])
     path = delta.save(tmp_path / "d.safetensors")
-    status, stderr = cli("merge", "--base", path, "--delta", f"{path}:{strength}", "--out", tmp_path / "o.safetensors",
-                         capsys=capsys)
+    status, stderr = cli(
+        "merge", "--base", path, "--delta", f"{path}:{strength}", "--out", tmp_path / "o.safetensors", capsys=capsys
+    )
     assert status == 2 and "must be a finite number" in stderr
 
 
@@ -171,28 +206,56 @@ def test_comfyui_refuses_non_finite_strengths(comfy) -> None:
     from tools.comfyui_graphs import train_graph
 
     server, _ = comfy
-    load = {"unet": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny.safetensors", "weight_dtype": "default"}},
-            "sara": {"class_type": "SaRALoader", "inputs": {"model": ["unet", 0], "delta_name": "a.safetensors",
-                                                            "strength": float("nan")}},
-            "save": {"class_type": "ModelSave", "inputs": {"model": ["sara", 0], "filename_prefix": "diffusion_models/nan"}}}
+    load = {
+        "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny.safetensors", "weight_dtype": "default"}},
+        "sara": {
+            "class_type": "SaRALoader",
+            "inputs": {"model": ["unet", 0], "delta_name": "a.safetensors", "strength": float("nan")},
+        },
+        "save": {
+            "class_type": "ModelSave",
+            "inputs": {"model": ["sara", 0], "filename_prefix": "diffusion_models/nan"},
+        },
+    }
     entry = server.run(load)
     assert entry["status"]["status_str"] == "error" and "strength must be a finite number" in execution_error(entry)
     graph = train_graph(steps=1)
-    graph["apply"] = {"class_type": "SaRAApply", "inputs": {"model": ["ckpt", 0], "delta": ["train", 1],
-                                                            "strength": float("nan")}}  # inf fails ComfyUI's range check
-    graph["save"] = {"class_type": "ModelSave", "inputs": {"model": ["apply", 0], "filename_prefix": "diffusion_models/nan2"}}
+    graph["apply"] = {
+        "class_type": "SaRAApply",
+        "inputs": {"model": ["ckpt", 0], "delta": ["train", 1], "strength": float("nan")},
+    }  # inf fails ComfyUI's range check
+    graph["save"] = {
+        "class_type": "ModelSave",
+        "inputs": {"model": ["apply", 0], "filename_prefix": "diffusion_models/nan2"},
+    }
     entry = server.run(graph)
     assert entry["status"]["status_str"] == "error" and "strength must be a finite number" in execution_error(entry)
     assert not list((server.base / "output" / "diffusion_models").glob("nan*"))
 
 
 # ------------------------------------------------------------------------------- frozen re-selection
-def test_a_reselection_that_freezes_everything_stops_and_saves(tiny_base: Path, image_folder: Path, tmp_path: Path,
-                                                               capsys) -> None:
+def test_a_reselection_that_freezes_everything_stops_and_saves(
+    tiny_base: Path, image_folder: Path, tmp_path: Path, capsys
+) -> None:
     out = tmp_path / "run"
-    status, stderr = cli(*train_args(tiny_base, image_folder, out, "--threshold", "1e-5", "--learning-rate", "1",
-                                     "--steps", "4", "--progressive-fraction", "0.5", "--rank-weight", "0"),
-                         capsys=capsys)
+    status, stderr = cli(
+        *train_args(
+            tiny_base,
+            image_folder,
+            out,
+            "--threshold",
+            "1e-5",
+            "--learning-rate",
+            "1",
+            "--steps",
+            "4",
+            "--progressive-fraction",
+            "0.5",
+            "--rank-weight",
+            "0",
+        ),
+        capsys=capsys,
+    )
     assert status == 0, stderr
     assert "stopped early: the progressive step after step 2 left no entry trainable" in stderr
     delta = read_delta(out / "sara_delta.safetensors")
@@ -239,15 +302,21 @@ try:
     print(resolve_keys(["attn.to_q.weight", "attn.to_k.weight"], targets, "the model"))
 except Exception as error:
     print(type(error).__name__, error)
-print(resolve_keys(["3.attn.to_q.weight"], ["model.blocks.3.attn.to_q.weight", "model.blocks.4.attn.to_q.weight"], "m"))
+targets = ["model.blocks.3.attn.to_q.weight", "model.blocks.4.attn.to_q.weight"]
+print(resolve_keys(["3.attn.to_q.weight"], targets, "m"))
 """
 
 
 def test_key_resolution_is_the_same_under_every_hash_seed() -> None:
     outputs = set()
     for seed in range(6):
-        result = subprocess.run([sys.executable, "-c", AMBIGUOUS.format(repo=str(REPO))], capture_output=True,
-                                text=True, timeout=120, env={**os.environ, "PYTHONHASHSEED": str(seed)})
+        result = subprocess.run(
+            [sys.executable, "-c", AMBIGUOUS.format(repo=str(REPO))],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+        )
         assert result.returncode == 0, result.stderr
         outputs.add(result.stdout)
     assert len(outputs) == 1, outputs
@@ -282,12 +351,31 @@ def test_merging_the_same_delta_twice_is_refused(tmp_path: Path, capsys) -> None
     sara_train.SparseDelta({"diffusion_model." + k: v for k, v in delta.layers.items()}).save(prefixed)
     assert cli("merge", "--base", base, "--delta", f"{bare}:0.8", "--out", tmp_path / "once.safetensors")[0] == 0
     for again in (bare, prefixed):  # the same delta under another key naming is recognised too
-        status, stderr = cli("merge", "--base", tmp_path / "once.safetensors", "--delta", again,
-                             "--out", tmp_path / "twice.safetensors", capsys=capsys)
+        status, stderr = cli(
+            "merge",
+            "--base",
+            tmp_path / "once.safetensors",
+            "--delta",
+            again,
+            "--out",
+            tmp_path / "twice.safetensors",
+            capsys=capsys,
+        )
         assert status == 2 and "already holds this delta (merged at strength 0.8)" in stderr, stderr
         assert not (tmp_path / "twice.safetensors").exists()
-    assert cli("merge", "--base", tmp_path / "once.safetensors", "--delta", bare, "--out",
-               tmp_path / "twice.safetensors", "--allow-repeat")[0] == 0
+    assert (
+        cli(
+            "merge",
+            "--base",
+            tmp_path / "once.safetensors",
+            "--delta",
+            bare,
+            "--out",
+            tmp_path / "twice.safetensors",
+            "--allow-repeat",
+        )[0]
+        == 0
+    )
     twice = load_file(str(tmp_path / "twice.safetensors"))
     expected = load_file(str(base))
     delta.apply_to(expected, strength=1.8)
@@ -328,19 +416,22 @@ def test_toml_top_level_and_train_table_both_count(tmp_path: Path) -> None:
     (tmp_path / "run.toml").write_text('base = "b"\nsteps = 7\n[train]\ndata = "d"\nlearning_rate = 3e-4\n')
     config = parse("--config", str(tmp_path / "run.toml"))
     assert (config.base, config.data, config.steps, config.learning_rate) == ("b", "d", 7, 3e-4)
-    (tmp_path / "twice.toml").write_text('steps = 7\n[train]\nsteps = 8\n')
+    (tmp_path / "twice.toml").write_text("steps = 7\n[train]\nsteps = 8\n")
     with pytest.raises(SaRAError, match="steps given both at the top level and in \\[train\\]"):
         parse("--config", str(tmp_path / "twice.toml"))
 
 
 def test_silently_ignored_options_are_refused(tmp_path: Path, capsys) -> None:
-    status, stderr = cli(*train_args(tmp_path / "base", tmp_path / "data", tmp_path / "out",
-                                     "--rank-layers-per-step", "-1"), capsys=capsys)
+    status, stderr = cli(
+        *train_args(tmp_path / "base", tmp_path / "data", tmp_path / "out", "--rank-layers-per-step", "-1"),
+        capsys=capsys,
+    )
     assert status == 2 and "--rank-layers-per-step must be >= 1" in stderr
 
 
-def test_resume_refuses_changed_data_but_not_another_spelling(tiny_base: Path, image_folder: Path, tmp_path: Path,
-                                                              capsys) -> None:
+def test_resume_refuses_changed_data_but_not_another_spelling(
+    tiny_base: Path, image_folder: Path, tmp_path: Path, capsys
+) -> None:
     import shutil
 
     data = tmp_path / "data"
@@ -358,20 +449,30 @@ def test_resume_refuses_changed_data_but_not_another_spelling(tiny_base: Path, i
 
 # ------------------------------------------------------------------------------- one-line errors
 def write_delta_with_metadata(path: Path, **metadata: str) -> Path:
-    tensors = {"w::idx": torch.tensor([0], dtype=torch.int32), "w::val": torch.ones(1),
-               "w::probe_idx": torch.zeros(0, dtype=torch.int32), "w::probe_val": torch.zeros(0)}
-    save_file(tensors, str(path), metadata={"format": "sara-delta", "format_version": "1",
-                                            "shapes": json.dumps({"w": [2]}), **metadata})
+    tensors = {
+        "w::idx": torch.tensor([0], dtype=torch.int32),
+        "w::val": torch.ones(1),
+        "w::probe_idx": torch.zeros(0, dtype=torch.int32),
+        "w::probe_val": torch.zeros(0),
+    }
+    save_file(
+        tensors,
+        str(path),
+        metadata={"format": "sara-delta", "format_version": "1", "shapes": json.dumps({"w": [2]}), **metadata},
+    )
     return path
 
 
-@pytest.mark.parametrize("metadata, message", [
-    ({"shapes": json.dumps(["w", 2])}, "'shapes' must be a JSON object"),
-    ({"shapes": json.dumps({"w": [2.5]})}, "'shapes' must be a JSON object"),
-    ({"selection": json.dumps([1, 2])}, "'selection' must be a JSON object"),
-    ({"user": json.dumps({"steps": 3})}, "'user' must be a JSON object of strings"),
-    ({"user": "[" * 100_000}, "'user' is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "metadata, message",
+    [
+        ({"shapes": json.dumps(["w", 2])}, "'shapes' must be a JSON object"),
+        ({"shapes": json.dumps({"w": [2.5]})}, "'shapes' must be a JSON object"),
+        ({"selection": json.dumps([1, 2])}, "'selection' must be a JSON object"),
+        ({"user": json.dumps({"steps": 3})}, "'user' must be a JSON object of strings"),
+        ({"user": "[" * 100_000}, "'user' is not valid JSON"),
+    ],
+)
 def test_malformed_delta_metadata_is_a_format_error(tmp_path: Path, metadata: dict, message: str, capsys) -> None:
     path = write_delta_with_metadata(tmp_path / "bad.safetensors", **metadata)
     with pytest.raises(DeltaFormatError, match=message):
@@ -386,8 +487,9 @@ def test_checkpoint_header_that_lies_about_sizes(tmp_path: Path, capsys) -> None
     header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}).encode()
     path = tmp_path / "lies.safetensors"
     path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
-    delta = sara_train.SparseDelta({"w": sara_train.LayerDelta((4,), torch.tensor([1], dtype=torch.int32),
-                                                               torch.ones(1))}).save(tmp_path / "d.safetensors")
+    delta = sara_train.SparseDelta(
+        {"w": sara_train.LayerDelta((4,), torch.tensor([1], dtype=torch.int32), torch.ones(1))}
+    ).save(tmp_path / "d.safetensors")
     status, stderr = cli("merge", "--base", path, "--delta", delta, "--out", tmp_path / "o.safetensors", capsys=capsys)
     assert status == 2 and "does not fit its byte range" in stderr and "Traceback" not in stderr
     header = json.dumps({"__metadata__": ["not", "an", "object"]}).encode()
@@ -396,29 +498,35 @@ def test_checkpoint_header_that_lies_about_sizes(tmp_path: Path, capsys) -> None
         sara_train.merge_checkpoint(path, delta, tmp_path / "o.safetensors")
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--budget", "1.5"], "--budget must be a fraction in (0, 1]"),
-    (["--budget", "0"], "--budget must be a fraction in (0, 1]"),
-    (["--weight-decay", "nan"], "--weight-decay must be a finite number"),
-    (["--learning-rate", "inf"], "--learning-rate must be a finite number"),
-    (["--caption-extension", ""], "--caption-extension must be a file extension"),
-    (["--include", "attn("], "--include 'attn(' is not a valid regular expression"),
-    (["--device", "garbage"], "--device 'garbage' is not a device"),
-    (["--seed", str(2**70)], "--seed must be in [0, 2**63)"),
-    (["--rank-layers-per-step", "0"], "--rank-layers-per-step must be >= 1"),
-])
-def test_bad_train_options_are_one_line_errors_before_loading(tmp_path: Path, flags: list[str], message: str,
-                                                              capsys) -> None:
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--budget", "1.5"], "--budget must be a fraction in (0, 1]"),
+        (["--budget", "0"], "--budget must be a fraction in (0, 1]"),
+        (["--weight-decay", "nan"], "--weight-decay must be a finite number"),
+        (["--learning-rate", "inf"], "--learning-rate must be a finite number"),
+        (["--caption-extension", ""], "--caption-extension must be a file extension"),
+        (["--include", "attn("], "--include 'attn(' is not a valid regular expression"),
+        (["--device", "garbage"], "--device 'garbage' is not a device"),
+        (["--seed", str(2**70)], "--seed must be in [0, 2**63)"),
+        (["--rank-layers-per-step", "0"], "--rank-layers-per-step must be >= 1"),
+    ],
+)
+def test_bad_train_options_are_one_line_errors_before_loading(
+    tmp_path: Path, flags: list[str], message: str, capsys
+) -> None:
     """The base and data named here do not exist: the option error coming first shows it is found
     before anything is loaded."""
-    status, stderr = cli(*train_args(tmp_path / "no-base", tmp_path / "no-data", tmp_path / "out", *flags),
-                         capsys=capsys)
+    status, stderr = cli(
+        *train_args(tmp_path / "no-base", tmp_path / "no-data", tmp_path / "out", *flags), capsys=capsys
+    )
     assert status == 2 and message in stderr and "Traceback" not in stderr, stderr
     assert stderr.count("\n") == 1
 
 
-def test_train_problems_found_later_are_one_line_errors(tiny_base: Path, image_folder: Path, tmp_path: Path,
-                                                        capsys) -> None:
+def test_train_problems_found_later_are_one_line_errors(
+    tiny_base: Path, image_folder: Path, tmp_path: Path, capsys
+) -> None:
     import shutil
 
     from single_file import write_single_file_checkpoint
@@ -438,8 +546,12 @@ def test_train_problems_found_later_are_one_line_errors(tiny_base: Path, image_f
     checkpoint = write_single_file_checkpoint(tiny_base, tmp_path / "full.safetensors")
     no_text = {k: v for k, v in load_file(str(checkpoint)).items() if not k.startswith("cond_stage_model.")}
     save_file(no_text, str(tmp_path / "no_text_encoder.safetensors"))
-    fails(*train_args(tmp_path / "no_text_encoder.safetensors", image_folder, tmp_path / "r3", "--base-config",
-                      tiny_base), message="no_text_encoder.safetensors")
+    fails(
+        *train_args(
+            tmp_path / "no_text_encoder.safetensors", image_folder, tmp_path / "r3", "--base-config", tiny_base
+        ),
+        message="no_text_encoder.safetensors",
+    )
     out = tmp_path / "r4"
     assert cli(*train_args(tiny_base, image_folder, out, "--steps", "2"))[0] == 0
     state = out / "state" / "training_state.safetensors"
@@ -449,9 +561,11 @@ def test_train_problems_found_later_are_one_line_errors(tiny_base: Path, image_f
 
 # ------------------------------------------------------------------------------- smaller ones
 def test_inspect_output_is_valid_json_and_inert_text(tmp_path: Path, capsys) -> None:
-    delta = sara_train.SparseDelta({"w": sara_train.LayerDelta((4,), torch.tensor([1], dtype=torch.int32),
-                                                               torch.ones(1))},
-                                   selection={"threshold": float("nan")}, metadata={"note": "\x1b[31mred\x1b[0m\n"})
+    delta = sara_train.SparseDelta(
+        {"w": sara_train.LayerDelta((4,), torch.tensor([1], dtype=torch.int32), torch.ones(1))},
+        selection={"threshold": float("nan")},
+        metadata={"note": "\x1b[31mred\x1b[0m\n"},
+    )
     path = delta.save(tmp_path / "d.safetensors")
     assert cli("inspect", path, "--json")[0] == 0
     report = json.loads(capsys.readouterr().out, parse_constant=lambda name: pytest.fail(f"invalid JSON: {name}"))
@@ -469,8 +583,11 @@ def test_stacking_mixed_half_dtypes_keeps_fp32() -> None:
     stacked = sara_train.SparseDelta.stack([first, second])
     layer = stacked.layers["w"]
     assert layer.values.dtype == torch.float32
-    expected = {0: float(first.layers["w"].values[0]), 1: float(first.layers["w"].values[1]) + 1.0,
-                2: float(second.layers["w"].values[1])}
+    expected = {
+        0: float(first.layers["w"].values[0]),
+        1: float(first.layers["w"].values[1]) + 1.0,
+        2: float(second.layers["w"].values[1]),
+    }
     assert {int(i): float(v) for i, v in zip(layer.flat_indices, layer.values)} == pytest.approx(expected, rel=1e-7)
 
 
@@ -483,12 +600,14 @@ def test_folder_merge_refuses_out_inside_base_and_link_loops(tiny_base: Path, tm
 
     handle = sara_train.inject(tiny_unet("sd15"), sara_train.SaRAConfig(budget=0.1))
     delta = handle.delta().save(tmp_path / "d.safetensors")
-    status, stderr = cli("merge", "--base", base, "--delta", delta, "--out", base / "merged", "--no-check-base",
-                         capsys=capsys)
+    status, stderr = cli(
+        "merge", "--base", base, "--delta", delta, "--out", base / "merged", "--no-check-base", capsys=capsys
+    )
     assert status == 2 and "is inside the base folder" in stderr
     (base / "tokenizer" / "loop").symlink_to("..", target_is_directory=True)
-    status, stderr = cli("merge", "--base", base, "--delta", delta, "--out", tmp_path / "merged", "--no-check-base",
-                         capsys=capsys)
+    status, stderr = cli(
+        "merge", "--base", base, "--delta", delta, "--out", tmp_path / "merged", "--no-check-base", capsys=capsys
+    )
     assert status == 2 and "symbolic-link loop" in stderr, stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "d.safetensors"], "a temporary copy was left"
 

@@ -1,4 +1,5 @@
 """Bad input gets a clear error naming the problem, and nothing is changed or half-written."""
+
 import copy
 import json
 import os
@@ -38,11 +39,17 @@ def base() -> TinyNet:
 
 def write_delta_file(path: Path, shape: list[int], idx: torch.Tensor, val: torch.Tensor) -> Path:
     key = "w"
-    tensors = {f"{key}::idx": idx, f"{key}::val": val,
-               f"{key}::probe_idx": torch.zeros(0, dtype=torch.int32),
-               f"{key}::probe_val": torch.zeros(0, dtype=torch.float32)}
-    save_file(tensors, str(path), metadata={"format": "sara-delta", "format_version": "1",
-                                            "shapes": json.dumps({key: shape})})
+    tensors = {
+        f"{key}::idx": idx,
+        f"{key}::val": val,
+        f"{key}::probe_idx": torch.zeros(0, dtype=torch.int32),
+        f"{key}::probe_val": torch.zeros(0, dtype=torch.float32),
+    }
+    save_file(
+        tensors,
+        str(path),
+        metadata={"format": "sara-delta", "format_version": "1", "shapes": json.dumps({key: shape})},
+    )
     return path
 
 
@@ -89,16 +96,19 @@ def test_plain_safetensors_is_not_a_delta(tmp_path: Path) -> None:
         sara_train.SparseDelta.load(tmp_path / "w.safetensors")
 
 
-@pytest.mark.parametrize("idx, val, message", [
-    (torch.tensor([0, 5, 12], dtype=torch.int32), torch.ones(3), "out of range"),
-    (torch.tensor([-1, 5], dtype=torch.int32), torch.ones(2), "out of range"),
-    (torch.tensor([4, 2], dtype=torch.int32), torch.ones(2), "not sorted"),
-    (torch.tensor([2, 2], dtype=torch.int32), torch.ones(2), "duplicated"),
-    (torch.tensor([1, 2], dtype=torch.int32), torch.tensor([1.0, float("nan")]), "NaN or Inf"),
-    (torch.tensor([1, 2], dtype=torch.int32), torch.tensor([float("inf"), 1.0]), "NaN or Inf"),
-    (torch.tensor([1, 2], dtype=torch.int64), torch.ones(2), "dtype torch.int64"),
-    (torch.tensor([1, 2], dtype=torch.int32), torch.ones(3), "2 indices but 3 values"),
-])
+@pytest.mark.parametrize(
+    "idx, val, message",
+    [
+        (torch.tensor([0, 5, 12], dtype=torch.int32), torch.ones(3), "out of range"),
+        (torch.tensor([-1, 5], dtype=torch.int32), torch.ones(2), "out of range"),
+        (torch.tensor([4, 2], dtype=torch.int32), torch.ones(2), "not sorted"),
+        (torch.tensor([2, 2], dtype=torch.int32), torch.ones(2), "duplicated"),
+        (torch.tensor([1, 2], dtype=torch.int32), torch.tensor([1.0, float("nan")]), "NaN or Inf"),
+        (torch.tensor([1, 2], dtype=torch.int32), torch.tensor([float("inf"), 1.0]), "NaN or Inf"),
+        (torch.tensor([1, 2], dtype=torch.int64), torch.ones(2), "dtype torch.int64"),
+        (torch.tensor([1, 2], dtype=torch.int32), torch.ones(3), "2 indices but 3 values"),
+    ],
+)
 def test_invalid_indices_or_values(tmp_path: Path, idx, val, message: str) -> None:
     path = write_delta_file(tmp_path / "bad.safetensors", [3, 4], idx, val)
     with pytest.raises(DeltaFormatError, match=message) as info:

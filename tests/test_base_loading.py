@@ -1,4 +1,5 @@
 """load_base: tiny diffusers folders of each kind and an SD1.5 single-file checkpoint, for real."""
+
 from __future__ import annotations
 
 import json
@@ -8,11 +9,11 @@ import huggingface_hub.constants
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from single_file import write_single_file_checkpoint
+from tiny_sd import TEXT_WIDTH, write_tiny_sd_pipeline
 
 from sara_train.engine.errors import SaRAError
 from sara_train.trainer.base_model import BaseModel, load_base
-from single_file import write_single_file_checkpoint
-from tiny_sd import TEXT_WIDTH, write_tiny_sd_pipeline
 
 PROMPTS = ["a red fox", "two blue cats, sitting", ""]
 
@@ -31,13 +32,17 @@ def bases(folders) -> dict[str, BaseModel]:
 
 
 def tokens(tokenizer, prompts):
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
 
 
 def test_kind_scheduler_and_components(bases, folders):
-    for name, kind, prediction in (("sd15", "sd1", "epsilon"), ("sd2", "sd2", "v_prediction"),
-                                   ("sdxl", "sdxl", "epsilon")):
+    for name, kind, prediction in (
+        ("sd15", "sd1", "epsilon"),
+        ("sd2", "sd2", "v_prediction"),
+        ("sdxl", "sdxl", "epsilon"),
+    ):
         base = bases[name]
         assert base.kind == kind and base.source == folders[name]
         assert isinstance(base.noise_scheduler, DDPMScheduler)
@@ -90,8 +95,11 @@ def test_images_encode_to_scaled_deterministic_latents(bases):
 
 
 def test_pipeline_renders_an_image(bases):
-    image = bases["sd15"].pipeline()("a fox", num_inference_steps=2, height=32, width=32,
-                                     generator=torch.Generator().manual_seed(0)).images[0]
+    image = (
+        bases["sd15"]
+        .pipeline()("a fox", num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(0))
+        .images[0]
+    )
     assert image.size == (32, 32)
 
 
@@ -112,8 +120,10 @@ def test_single_file_loads_the_same_model_as_its_folder(bases, folders):
         assert set(ours) == set(theirs)
         assert all(torch.equal(ours[key], theirs[key]) for key in ours), name
     assert from_file.fingerprint == from_folder.fingerprint
-    torch.testing.assert_close(from_file.encode_prompts(PROMPTS[:1])[0].hidden_states,
-                               from_folder.encode_prompts(PROMPTS[:1])[0].hidden_states)
+    torch.testing.assert_close(
+        from_file.encode_prompts(PROMPTS[:1])[0].hidden_states,
+        from_folder.encode_prompts(PROMPTS[:1])[0].hidden_states,
+    )
 
 
 def test_single_file_without_config_explains_base_config(folders, tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
 """Streaming merge of deltas into a single-file safetensors checkpoint."""
+
 import json
 from pathlib import Path
 
@@ -48,8 +49,7 @@ def test_merge_equals_applying_to_the_state_dict(checkpoint, tmp_path: Path) -> 
     path, tensors = checkpoint
     first, second = make_delta(delta_base(), 1, budget=0.2), make_delta(delta_base(), 2, threshold=0.05)
     second_file = second.save(tmp_path / "second.safetensors")
-    out = sara_train.merge_checkpoint(path, [first, second_file], tmp_path / "merged.safetensors",
-                                      strength=[1.0, 0.5])
+    out = sara_train.merge_checkpoint(path, [first, second_file], tmp_path / "merged.safetensors", strength=[1.0, 0.5])
     merged = load_file(str(out))
     expected = {k: v.clone() for k, v in tensors.items()}
     first.apply_to(expected)
@@ -57,7 +57,7 @@ def test_merge_equals_applying_to_the_state_dict(checkpoint, tmp_path: Path) -> 
     assert set(merged) == set(tensors)
     for key, tensor in expected.items():
         assert merged[key].dtype == tensors[key].dtype
-        if key.startswith(PREFIX) and key[len(PREFIX):] in first.layers:
+        if key.startswith(PREFIX) and key[len(PREFIX) :] in first.layers:
             torch.testing.assert_close(merged[key], tensor, rtol=0, atol=1e-3 if tensor.dtype == torch.half else 1e-7)
             assert not torch.equal(merged[key], tensors[key])
         else:

@@ -1,4 +1,5 @@
 """merge / inspect / analyze on real tiny pipelines, single-file checkpoints and trained deltas."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,19 +11,19 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from single_file import write_single_file_checkpoint
+from tiny_sd import tiny_unet, write_tiny_sd_pipeline
 
 from sara_train import SaRAConfig, SparseDelta, inject
-from sara_train.engine.analysis import budget_threshold_table, zero_small_weights_effect
 from sara_train.cli import build_parser
 from sara_train.cli.analyze import analyze_command, unet_probe
 from sara_train.cli.inspect import inspect_command
 from sara_train.cli.merge import merge_command, parse_delta_spec
+from sara_train.engine.analysis import budget_threshold_table, zero_small_weights_effect
 from sara_train.engine.errors import DeltaFormatError, DeltaMismatchError, SaRAError
-from sara_train.families.sd_unet import delta_to_ldm_keys
 from sara_train.engine.selection import find_targets
+from sara_train.families.sd_unet import delta_to_ldm_keys
 from sara_train.trainer.base_model import load_base
-from single_file import write_single_file_checkpoint
-from tiny_sd import tiny_unet, write_tiny_sd_pipeline
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -52,12 +53,17 @@ def setup(tmp_path_factory) -> dict:
     delta = random_delta(base.unet, seed=1)
     other = load_base(write_tiny_sd_pipeline(root / "sd15_other", "sd15", seed=7))
     return {
-        "root": root, "folder": folder, "base": base, "delta": delta,
+        "root": root,
+        "folder": folder,
+        "base": base,
+        "delta": delta,
         "file": write_single_file_checkpoint(folder, root / "sd15.safetensors"),
         "diffusers_delta": delta.save(root / "delta_diffusers.safetensors"),
         "ldm_delta": delta_to_ldm_keys(delta, base.unet_config).save(root / "delta_ldm.safetensors"),
         "second": random_delta(base.unet, seed=2).save(root / "second.safetensors"),
-        "foreign": delta_to_ldm_keys(random_delta(other.unet, seed=3), other.unet_config).save(root / "foreign.safetensors"),
+        "foreign": delta_to_ldm_keys(random_delta(other.unet, seed=3), other.unet_config).save(
+            root / "foreign.safetensors"
+        ),
     }
 
 
@@ -77,8 +83,22 @@ def assert_unet_equals(unet, expected) -> None:
 @pytest.mark.parametrize("naming", ["ldm_delta", "diffusers_delta"])
 def test_merge_into_a_single_file_equals_applying_in_memory(setup, tmp_path, naming, capsys):
     out = tmp_path / "merged.safetensors"
-    assert merge_command(parse("merge", "--base", setup["file"], "--delta", f"{setup[naming]}:0.5",
-                           "--delta", setup["second"], "--out", out)) == 0
+    assert (
+        merge_command(
+            parse(
+                "merge",
+                "--base",
+                setup["file"],
+                "--delta",
+                f"{setup[naming]}:0.5",
+                "--delta",
+                setup["second"],
+                "--out",
+                out,
+            )
+        )
+        == 0
+    )
     assert str(out) in capsys.readouterr().out
     merged = load_base(out, config_dir=setup["folder"])
     second = SparseDelta.load(setup["second"])
@@ -92,8 +112,13 @@ def test_merge_into_a_diffusers_folder_writes_a_new_complete_folder(setup, tmp_p
     out = tmp_path / "merged"
     merge_command(parse("merge", "--base", setup["folder"], "--delta", setup[naming], "--out", out))
     assert_unet_equals(load_base(out).unet, expected_unet(setup, [setup["delta"]], [1.0]))
-    for relative in ("model_index.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
-                     "tokenizer/tokenizer.json", "unet/config.json"):
+    for relative in (
+        "model_index.json",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+        "tokenizer/tokenizer.json",
+        "unet/config.json",
+    ):
         assert (out / relative).read_bytes() == (setup["folder"] / relative).read_bytes(), relative
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]
     with pytest.raises(SaRAError, match="already exists"):
@@ -125,7 +150,9 @@ def test_merge_refuses_a_delta_for_another_model(setup, tmp_path):
     with pytest.raises(DeltaMismatchError, match="another model"):
         merge_command(parse("merge", "--base", setup["folder"], "--delta", setup["foreign"], "--out", tmp_path / "f"))
     assert list(tmp_path.iterdir()) == []
-    merge_command(parse("merge", "--base", setup["file"], "--delta", setup["foreign"], "--out", out, "--no-check-base"))
+    merge_command(
+        parse("merge", "--base", setup["file"], "--delta", setup["foreign"], "--out", out, "--no-check-base")
+    )
     assert out.is_file()
     sd2 = write_tiny_sd_pipeline(tmp_path / "sd2", "sd2")
     with pytest.raises(DeltaMismatchError, match="shape"):
@@ -138,11 +165,29 @@ def test_merge_reports_bad_inputs(setup, tmp_path):
     with pytest.raises(DeltaFormatError, match="never unpickles"):
         merge_command(parse("merge", "--base", setup["file"], "--delta", pickle, "--out", tmp_path / "o.safetensors"))
     with pytest.raises(DeltaFormatError, match="no such file"):
-        merge_command(parse("merge", "--base", setup["file"], "--delta", tmp_path / "missing.safetensors",
-                        "--out", tmp_path / "o.safetensors"))
+        merge_command(
+            parse(
+                "merge",
+                "--base",
+                setup["file"],
+                "--delta",
+                tmp_path / "missing.safetensors",
+                "--out",
+                tmp_path / "o.safetensors",
+            )
+        )
     with pytest.raises(SaRAError, match="no such file"):
-        merge_command(parse("merge", "--base", tmp_path / "missing.safetensors", "--delta", setup["ldm_delta"],
-                        "--out", tmp_path / "o.safetensors"))
+        merge_command(
+            parse(
+                "merge",
+                "--base",
+                tmp_path / "missing.safetensors",
+                "--delta",
+                setup["ldm_delta"],
+                "--out",
+                tmp_path / "o.safetensors",
+            )
+        )
     with pytest.raises(SaRAError, match="is the input file"):
         merge_command(parse("merge", "--base", setup["file"], "--delta", setup["ldm_delta"], "--out", setup["file"]))
 
@@ -194,6 +239,7 @@ def test_zeroing_small_weights_restores_bit_exactly_and_grows_with_the_threshold
             raise RuntimeError("boom")
         failing.calls += 1
         return run(model)
+
     failing.calls = 0
     with pytest.raises(RuntimeError, match="boom"):
         zero_small_weights_effect(unet, failing, thresholds, config)
@@ -202,8 +248,21 @@ def test_zeroing_small_weights_restores_bit_exactly_and_grows_with_the_threshold
 
 def test_analyze_writes_histogram_and_tables(setup, tmp_path, capsys):
     out = tmp_path / "analysis"
-    analyze_command(parse("analyze", "--base", setup["file"], "--base-config", setup["folder"],
-                      "--budgets", "0.01,0.2", "--out", out, "--device", "cpu"))
+    analyze_command(
+        parse(
+            "analyze",
+            "--base",
+            setup["file"],
+            "--base-config",
+            setup["folder"],
+            "--budgets",
+            "0.01,0.2",
+            "--out",
+            out,
+            "--device",
+            "cpu",
+        )
+    )
     printed = capsys.readouterr().out
     assert "Budget -> threshold" in printed and "Sec. 3.1" in printed
     assert Image.open(out / "histogram.png").size == (640, 360)

@@ -2,6 +2,7 @@
 runs our WeightAdapterBase per forward. The test server is CPU-only (no vram management), so this
 loads the model in-process with ``ModelPatcher.load(lowvram_model_memory=1)``, which puts every
 module on that per-forward path, and compares with a full load."""
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,12 @@ print(json.dumps({"per_forward": per_forward, "lowvram_vs_full": (lowvram - full
 def test_lowvram_patching_equals_a_full_load(comfy) -> None:
     server, _ = comfy
     unet = server.base / "models" / "unet" / "tiny.safetensors"
-    out = subprocess.run([sys.executable, "-c", LOWVRAM_SCRIPT, str(comfyui_dir()), str(REPO), str(unet)],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", LOWVRAM_SCRIPT, str(comfyui_dir()), str(REPO), str(unet)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["per_forward"] > 20  # the delta was applied per forward, not merged at load

@@ -2,6 +2,7 @@
 requirements and ours (no diffusers, accelerate, matplotlib or peft, and ``sara_train`` not
 installed as a package: the pack loads it from its own folder). Every node imports and runs there.
 The environment is made by ``tests/manager_env/sitecustomize.py``."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,28 +29,65 @@ def manager_server(comfy, tmp_path_factory):
 
 def test_every_node_imports_and_runs_without_the_trainer_packages(manager_server) -> None:
     server = manager_server
-    assert "importable on its own: False; blocked: ['accelerate', 'diffusers', 'matplotlib', 'peft']" in server.read_log()
+    assert (
+        "importable on its own: False; blocked: ['accelerate', 'diffusers', 'matplotlib', 'peft']" in server.read_log()
+    )
     for node in ("SaRATrain", "SaRASave", "SaRALoader", "SaRAApply", "SaRAMergeCheckpoint", "SaRAInspect"):
         assert node in server.get(f"/object_info/{node}"), node
     graph = with_save(train_graph(steps=2), "manager")
-    graph["load"] = {"class_type": "SaRALoader", "inputs": {"model": ["ckpt", 0], "delta_name": "a.safetensors",
-                                                            "strength": 0.5}}
-    graph["apply"] = {"class_type": "SaRAApply", "inputs": {"model": ["load", 0], "delta": ["train", 1],
-                                                            "strength": 1.0}}
+    graph["load"] = {
+        "class_type": "SaRALoader",
+        "inputs": {"model": ["ckpt", 0], "delta_name": "a.safetensors", "strength": 0.5},
+    }
+    graph["apply"] = {
+        "class_type": "SaRAApply",
+        "inputs": {"model": ["load", 0], "delta": ["train", 1], "strength": 1.0},
+    }
     graph["empty"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
-    graph["sample"] = {"class_type": "KSampler", "inputs": {
-        "model": ["apply", 0], "positive": ["pos", 0], "negative": ["pos", 0], "latent_image": ["empty", 0],
-        "seed": 1, "steps": 1, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}}
+    graph["sample"] = {
+        "class_type": "KSampler",
+        "inputs": {
+            "model": ["apply", 0],
+            "positive": ["pos", 0],
+            "negative": ["pos", 0],
+            "latent_image": ["empty", 0],
+            "seed": 1,
+            "steps": 1,
+            "cfg": 1.0,
+            "sampler_name": "euler",
+            "scheduler": "normal",
+            "denoise": 1.0,
+        },
+    }
     graph["keep"] = {"class_type": "SaveLatent", "inputs": {"samples": ["sample", 0], "filename_prefix": "manager"}}
-    graph["inspect"] = {"class_type": "SaRAInspect", "inputs": {"model": ["ckpt", 0], "budgets": "0.05",
-                                                                "delta_name": "a.safetensors"}}
-    graph["histogram"] = {"class_type": "SaveImage", "inputs": {"images": ["inspect", 0], "filename_prefix": "manager"}}
-    graph["merge"] = {"class_type": "SaRAMergeCheckpoint", "inputs": {
-        "ckpt_name": "tiny_ckpt.safetensors", "delta_1": "a.safetensors", "strength_1": 1.0, "delta_2": "[None]",
-        "strength_2": 1.0, "delta_3": "[None]", "strength_3": 1.0, "filename_prefix": "manager_merged"}}
+    graph["inspect"] = {
+        "class_type": "SaRAInspect",
+        "inputs": {"model": ["ckpt", 0], "budgets": "0.05", "delta_name": "a.safetensors"},
+    }
+    graph["histogram"] = {
+        "class_type": "SaveImage",
+        "inputs": {"images": ["inspect", 0], "filename_prefix": "manager"},
+    }
+    graph["merge"] = {
+        "class_type": "SaRAMergeCheckpoint",
+        "inputs": {
+            "ckpt_name": "tiny_ckpt.safetensors",
+            "delta_1": "a.safetensors",
+            "strength_1": 1.0,
+            "delta_2": "[None]",
+            "strength_2": 1.0,
+            "delta_3": "[None]",
+            "strength_3": 1.0,
+            "filename_prefix": "manager_merged",
+        },
+    }
     entry = server.run_ok(graph)
     assert entry["outputs"]["train"]["sara_status"][0].startswith("done: 2/2 steps")
     assert saved_delta(server.base, "manager").exists()
-    assert list((server.base / "output").glob("manager_*.latent")) and list((server.base / "output").glob("manager_*.png"))
+    assert list((server.base / "output").glob("manager_*.latent")) and list(
+        (server.base / "output").glob("manager_*.png")
+    )
     assert list((server.base / "models" / "checkpoints").glob("manager_merged_00001_.safetensors"))
-    assert "seconds: " + str(server.base / "custom_nodes" / "comfyui-sara") in server.read_log()  # imported, not "(IMPORT FAILED)"
+    assert (
+        "seconds: " + str(server.base / "custom_nodes" / "comfyui-sara") in server.read_log()
+    )  # imported, not "(IMPORT FAILED)"

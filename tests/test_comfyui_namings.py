@@ -2,6 +2,7 @@
 diffusers UNet or ``sara-train train --key-format diffusers`` writes) loads through SaRA Load and
 merges through SaRA Merge Checkpoint in the real ComfyUI, equal to ``sara-train merge``, for the
 SD1.5, SD2 and SDXL-family layouts (tiny UNets ComfyUI detects as SD15, SD20 and KOALA_700M)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,13 +44,26 @@ def unet_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def test_sara_load_of_a_diffusers_named_delta_equals_the_cli_merge(family: dict) -> None:
     server, name = family["server"], family["name"]
-    server.run_ok({
-        "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": f"naming_{name}.safetensors",
-                                                        "weight_dtype": "default"}},
-        "sara": {"class_type": "SaRALoader", "inputs": {"model": ["unet", 0], "strength": 1.0,
-                                                        "delta_name": f"naming_{name}_diffusers.safetensors"}},
-        "save": {"class_type": "ModelSave", "inputs": {"model": ["sara", 0],
-                                                       "filename_prefix": f"diffusion_models/naming_{name}_loaded"}}})
+    server.run_ok(
+        {
+            "unet": {
+                "class_type": "UNETLoader",
+                "inputs": {"unet_name": f"naming_{name}.safetensors", "weight_dtype": "default"},
+            },
+            "sara": {
+                "class_type": "SaRALoader",
+                "inputs": {
+                    "model": ["unet", 0],
+                    "strength": 1.0,
+                    "delta_name": f"naming_{name}_diffusers.safetensors",
+                },
+            },
+            "save": {
+                "class_type": "ModelSave",
+                "inputs": {"model": ["sara", 0], "filename_prefix": f"diffusion_models/naming_{name}_loaded"},
+            },
+        }
+    )
     (saved,) = (server.base / "output" / "diffusion_models").glob(f"naming_{name}_loaded_*.safetensors")
     loaded, cli = unet_tensors(saved), family["cli"]
     assert set(loaded) == set(cli)
@@ -60,10 +74,23 @@ def test_sara_load_of_a_diffusers_named_delta_equals_the_cli_merge(family: dict)
 
 def test_merge_checkpoint_node_with_a_diffusers_named_delta_equals_the_cli_merge(family: dict) -> None:
     server, name = family["server"], family["name"]
-    server.run_ok({"merge": {"class_type": "SaRAMergeCheckpoint", "inputs": {
-        "ckpt_name": f"naming_{name}.safetensors", "delta_1": f"naming_{name}_diffusers.safetensors",
-        "strength_1": 1.0, "delta_2": "[None]", "strength_2": 1.0, "delta_3": "[None]", "strength_3": 1.0,
-        "filename_prefix": f"naming_{name}_node"}}})
+    server.run_ok(
+        {
+            "merge": {
+                "class_type": "SaRAMergeCheckpoint",
+                "inputs": {
+                    "ckpt_name": f"naming_{name}.safetensors",
+                    "delta_1": f"naming_{name}_diffusers.safetensors",
+                    "strength_1": 1.0,
+                    "delta_2": "[None]",
+                    "strength_2": 1.0,
+                    "delta_3": "[None]",
+                    "strength_3": 1.0,
+                    "filename_prefix": f"naming_{name}_node",
+                },
+            }
+        }
+    )
     node = load_file(str(server.base / "models" / "checkpoints" / f"naming_{name}_node_00001_.safetensors"))
     cli = family["cli"]
     assert set(node) == set(cli) and all(torch.equal(node[key], cli[key]) for key in cli)

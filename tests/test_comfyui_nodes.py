@@ -1,23 +1,32 @@
 """SaRA nodes inside a real ComfyUI server, driven over HTTP (see comfyui_server.py)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-from tools.comfyui_server import LORA_TARGETS, ComfyUIServer, execution_error
 from PIL import Image
 from safetensors.torch import load_file
 
 import sara_train
 from sara_train.engine.analysis import threshold_for_budget
+from tools.comfyui_server import LORA_TARGETS, ComfyUIServer, execution_error
 
 
 def save_graph(loaders: list[tuple[str, float]], prefix: str) -> dict:
-    graph = {"unet": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny.safetensors", "weight_dtype": "default"}}}
+    graph = {
+        "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny.safetensors", "weight_dtype": "default"}}
+    }
     model = ["unet", 0]
     for i, (name, strength) in enumerate(loaders):
-        graph[f"sara{i}"] = {"class_type": "SaRALoader", "inputs": {"model": model, "delta_name": name, "strength": strength}}
+        graph[f"sara{i}"] = {
+            "class_type": "SaRALoader",
+            "inputs": {"model": model, "delta_name": name, "strength": strength},
+        }
         model = [f"sara{i}", 0]
-    graph["save"] = {"class_type": "ModelSave", "inputs": {"model": model, "filename_prefix": f"diffusion_models/{prefix}"}}
+    graph["save"] = {
+        "class_type": "ModelSave",
+        "inputs": {"model": model, "filename_prefix": f"diffusion_models/{prefix}"},
+    }
     return graph
 
 
@@ -60,19 +69,24 @@ def test_strength_zero_is_the_base_and_stacked_deltas_add(comfy) -> None:
         assert torch.equal(tensor, base[key])
     server.run_ok(save_graph([("a.safetensors", 1.0), ("b.safetensors", 0.5)], "stacked"))
     folder = server.base / "models" / "sara"
-    summed = sara_train.SparseDelta.stack([sara_train.SparseDelta.load(folder / "a.safetensors"),
-                                           sara_train.SparseDelta.load(folder / "b.safetensors")], [1.0, 0.5])
+    summed = sara_train.SparseDelta.stack(
+        [sara_train.SparseDelta.load(folder / "a.safetensors"), sara_train.SparseDelta.load(folder / "b.safetensors")],
+        [1.0, 0.5],
+    )
     expected = {k: v.clone() for k, v in base.items()}
     summed.apply_to(expected)
     for key, tensor in saved_unet(server, "stacked").items():
         torch.testing.assert_close(tensor, expected[key], rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("name, message", [
-    ("other_model.safetensors", "delta keys are not in the model"),
-    ("truncated.safetensors", "truncated"),
-    ("pickled.safetensors", "pickle"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("other_model.safetensors", "delta keys are not in the model"),
+        ("truncated.safetensors", "truncated"),
+        ("pickled.safetensors", "pickle"),
+    ],
+)
 def test_bad_deltas_are_node_errors_and_the_server_keeps_serving(comfy, name: str, message: str) -> None:
     server, _ = comfy
     entry = server.run(save_graph([(name, 1.0)], f"bad_{name}"))
@@ -83,10 +97,21 @@ def test_bad_deltas_are_node_errors_and_the_server_keeps_serving(comfy, name: st
 
 
 def merge_graph(prefix: str, strength_2: float) -> dict:
-    return {"merge": {"class_type": "SaRAMergeCheckpoint", "inputs": {
-        "ckpt_name": "tiny_ckpt.safetensors", "delta_1": "a.safetensors", "strength_1": 1.0,
-        "delta_2": "b.safetensors", "strength_2": strength_2, "delta_3": "[None]", "strength_3": 1.0,
-        "filename_prefix": prefix}}}
+    return {
+        "merge": {
+            "class_type": "SaRAMergeCheckpoint",
+            "inputs": {
+                "ckpt_name": "tiny_ckpt.safetensors",
+                "delta_1": "a.safetensors",
+                "strength_1": 1.0,
+                "delta_2": "b.safetensors",
+                "strength_2": strength_2,
+                "delta_3": "[None]",
+                "strength_3": 1.0,
+                "filename_prefix": prefix,
+            },
+        }
+    }
 
 
 def test_merge_checkpoint_node_bakes_stacked_deltas(comfy) -> None:
@@ -95,8 +120,13 @@ def test_merge_checkpoint_node_bakes_stacked_deltas(comfy) -> None:
     folder = server.base / "models"
     merged = load_file(str(folder / "checkpoints" / "merged_ab_00001_.safetensors"))
     expected = load_file(str(folder / "checkpoints" / "tiny_ckpt.safetensors"))
-    sara_train.SparseDelta.stack([sara_train.SparseDelta.load(folder / "sara" / "a.safetensors"),
-                                  sara_train.SparseDelta.load(folder / "sara" / "b.safetensors")], [1.0, 0.5]).apply_to(expected)
+    sara_train.SparseDelta.stack(
+        [
+            sara_train.SparseDelta.load(folder / "sara" / "a.safetensors"),
+            sara_train.SparseDelta.load(folder / "sara" / "b.safetensors"),
+        ],
+        [1.0, 0.5],
+    ).apply_to(expected)
     assert set(merged) == set(expected)
     for key, tensor in expected.items():
         torch.testing.assert_close(merged[key], tensor, rtol=1e-6, atol=1e-7)
@@ -115,8 +145,10 @@ def test_inspect_reports_the_thresholds_sara_would_use(comfy) -> None:
     server, base = comfy
     graph = {
         "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny.safetensors", "weight_dtype": "default"}},
-        "inspect": {"class_type": "SaRAInspect", "inputs": {"model": ["unet", 0], "budgets": "0.01, 0.05",
-                                                            "delta_name": "a.safetensors"}},
+        "inspect": {
+            "class_type": "SaRAInspect",
+            "inputs": {"model": ["unet", 0], "budgets": "0.01, 0.05", "delta_name": "a.safetensors"},
+        },
         "text": {"class_type": "PreviewAny", "inputs": {"source": ["inspect", 1]}},
         "image": {"class_type": "PreviewImage", "inputs": {"images": ["inspect", 0]}},
     }
@@ -133,8 +165,13 @@ def test_inspect_reports_the_thresholds_sara_would_use(comfy) -> None:
         assert picture.size == (640, 360)
         assert len(picture.convert("RGB").getcolors(maxcolors=1 << 20)) > 3  # bars, lines, text: not blank
 
-    bad = dict(graph, inspect={"class_type": "SaRAInspect", "inputs": {"model": ["unet", 0], "budgets": "five percent",
-                                                                       "delta_name": "[None]"}})
+    bad = dict(
+        graph,
+        inspect={
+            "class_type": "SaRAInspect",
+            "inputs": {"model": ["unet", 0], "budgets": "five percent", "delta_name": "[None]"},
+        },
+    )
     entry = server.run(bad)
     assert entry["status"]["status_str"] == "error" and "comma-separated fractions" in execution_error(entry)
 
@@ -147,14 +184,32 @@ def sample_graph(ckpt_name: str, prefix: str, delta: str | None = None, strength
         "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a glyph, serif"}},
         "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": ""}},
         "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "save": {"class_type": "SaveLatent", "inputs": {"samples": ["sample", 0], "filename_prefix": f"latents/{prefix}"}},
+        "save": {
+            "class_type": "SaveLatent",
+            "inputs": {"samples": ["sample", 0], "filename_prefix": f"latents/{prefix}"},
+        },
     }
     if delta is not None:
-        graph["sara"] = {"class_type": "SaRALoader", "inputs": {"model": model, "delta_name": delta, "strength": strength}}
+        graph["sara"] = {
+            "class_type": "SaRALoader",
+            "inputs": {"model": model, "delta_name": delta, "strength": strength},
+        }
         model = ["sara", 0]
-    graph["sample"] = {"class_type": "KSampler", "inputs": {
-        "model": model, "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0], "seed": 7,
-        "steps": 2, "cfg": 2.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}}
+    graph["sample"] = {
+        "class_type": "KSampler",
+        "inputs": {
+            "model": model,
+            "positive": ["pos", 0],
+            "negative": ["neg", 0],
+            "latent_image": ["latent", 0],
+            "seed": 7,
+            "steps": 2,
+            "cfg": 2.0,
+            "sampler_name": "euler",
+            "scheduler": "normal",
+            "denoise": 1.0,
+        },
+    }
     return graph
 
 
@@ -165,9 +220,23 @@ def saved_latent(server: ComfyUIServer, prefix: str) -> torch.Tensor:
 
 def test_sampling_with_loaded_delta_equals_merged_checkpoint_and_differs_from_base(comfy) -> None:
     server, _ = comfy
-    server.run_ok({"merge": {"class_type": "SaRAMergeCheckpoint", "inputs": {
-        "ckpt_name": "tiny_full.safetensors", "delta_1": "a.safetensors", "strength_1": 1.0, "delta_2": "[None]",
-        "strength_2": 1.0, "delta_3": "[None]", "strength_3": 1.0, "filename_prefix": "tiny_full_a"}}})
+    server.run_ok(
+        {
+            "merge": {
+                "class_type": "SaRAMergeCheckpoint",
+                "inputs": {
+                    "ckpt_name": "tiny_full.safetensors",
+                    "delta_1": "a.safetensors",
+                    "strength_1": 1.0,
+                    "delta_2": "[None]",
+                    "strength_2": 1.0,
+                    "delta_3": "[None]",
+                    "strength_3": 1.0,
+                    "filename_prefix": "tiny_full_a",
+                },
+            }
+        }
+    )
     server.run_ok(sample_graph("tiny_full.safetensors", "base"))
     server.run_ok(sample_graph("tiny_full.safetensors", "loaded", delta="a.safetensors"))
     server.run_ok(sample_graph("tiny_full_a_00001_.safetensors", "merged"))
@@ -177,11 +246,21 @@ def test_sampling_with_loaded_delta_equals_merged_checkpoint_and_differs_from_ba
 
     graph = sample_graph("tiny_full.safetensors", "unused", delta="a.safetensors")
     graph = {key: graph[key] for key in ("ckpt", "sara")}
-    graph["save_ckpt"] = {"class_type": "CheckpointSave", "inputs": {
-        "model": ["sara", 0], "clip": ["ckpt", 1], "vae": ["ckpt", 2], "filename_prefix": "checkpoints/builtin_save"}}
+    graph["save_ckpt"] = {
+        "class_type": "CheckpointSave",
+        "inputs": {
+            "model": ["sara", 0],
+            "clip": ["ckpt", 1],
+            "vae": ["ckpt", 2],
+            "filename_prefix": "checkpoints/builtin_save",
+        },
+    }
     server.run_ok(graph)
     (builtin,) = (server.base / "output" / "checkpoints").glob("builtin_save_*.safetensors")
-    saved, ours = load_file(str(builtin)), load_file(str(server.base / "models" / "checkpoints" / "tiny_full_a_00001_.safetensors"))
+    saved, ours = (
+        load_file(str(builtin)),
+        load_file(str(server.base / "models" / "checkpoints" / "tiny_full_a_00001_.safetensors")),
+    )
     unet_keys = [k for k in ours if k.startswith("model.diffusion_model.")]
     assert unet_keys and set(unet_keys) <= set(saved)
     for key in unet_keys:
@@ -192,10 +271,18 @@ def test_chains_after_a_lora(comfy) -> None:
     server, base = comfy
     graph = {
         "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny.safetensors", "weight_dtype": "default"}},
-        "lora": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["unet", 0], "lora_name": "tiny_lora.safetensors",
-                                                                 "strength_model": 0.8}},
-        "sara": {"class_type": "SaRALoader", "inputs": {"model": ["lora", 0], "delta_name": "a.safetensors", "strength": 1.0}},
-        "save": {"class_type": "ModelSave", "inputs": {"model": ["sara", 0], "filename_prefix": "diffusion_models/lora_sara"}},
+        "lora": {
+            "class_type": "LoraLoaderModelOnly",
+            "inputs": {"model": ["unet", 0], "lora_name": "tiny_lora.safetensors", "strength_model": 0.8},
+        },
+        "sara": {
+            "class_type": "SaRALoader",
+            "inputs": {"model": ["lora", 0], "delta_name": "a.safetensors", "strength": 1.0},
+        },
+        "save": {
+            "class_type": "ModelSave",
+            "inputs": {"model": ["sara", 0], "filename_prefix": "diffusion_models/lora_sara"},
+        },
     }
     server.run_ok(graph)
     lora = load_file(str(server.base / "models" / "loras" / "tiny_lora.safetensors"))

@@ -3,6 +3,7 @@
 The graphs train the tiny SD1.5-detected UNet of ``tiny_full.safetensors`` on VAE-encoded PNGs
 with CLIP-encoded prompts (random CLIP-L and VAE), on the CPU, in fp32 for exact comparisons.
 """
+
 from __future__ import annotations
 
 import threading
@@ -17,19 +18,39 @@ import sara_train
 from tools.comfyui_graphs import CKPT, saved_delta, train_graph, with_save
 from tools.comfyui_server import execution_error
 
+
 def with_model_save(graph: dict, model: list, prefix: str) -> dict:
-    graph[f"modelsave_{prefix}"] = {"class_type": "ModelSave", "inputs": {"model": model,
-                                                                          "filename_prefix": f"diffusion_models/tr_{prefix}"}}
+    graph[f"modelsave_{prefix}"] = {
+        "class_type": "ModelSave",
+        "inputs": {"model": model, "filename_prefix": f"diffusion_models/tr_{prefix}"},
+    }
     return graph
 
 
 def with_sampling(graph: dict, model: list, prefix: str) -> dict:
-    graph[f"empty_{prefix}"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
-    graph[f"ks_{prefix}"] = {"class_type": "KSampler", "inputs": {
-        "model": model, "positive": ["pos", 0], "negative": ["pos", 0], "latent_image": [f"empty_{prefix}", 0],
-        "seed": 3, "steps": 2, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}}
-    graph[f"sl_{prefix}"] = {"class_type": "SaveLatent", "inputs": {"samples": [f"ks_{prefix}", 0],
-                                                                    "filename_prefix": f"latents/tr_{prefix}"}}
+    graph[f"empty_{prefix}"] = {
+        "class_type": "EmptyLatentImage",
+        "inputs": {"width": 64, "height": 64, "batch_size": 1},
+    }
+    graph[f"ks_{prefix}"] = {
+        "class_type": "KSampler",
+        "inputs": {
+            "model": model,
+            "positive": ["pos", 0],
+            "negative": ["pos", 0],
+            "latent_image": [f"empty_{prefix}", 0],
+            "seed": 3,
+            "steps": 2,
+            "cfg": 1.0,
+            "sampler_name": "euler",
+            "scheduler": "normal",
+            "denoise": 1.0,
+        },
+    }
+    graph[f"sl_{prefix}"] = {
+        "class_type": "SaveLatent",
+        "inputs": {"samples": [f"ks_{prefix}", 0], "filename_prefix": f"latents/tr_{prefix}"},
+    }
     return graph
 
 
@@ -41,8 +62,11 @@ def output_file(server, folder: str, prefix: str) -> str:
 
 
 def unet_of(checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k.removeprefix("model.diffusion_model."): v for k, v in checkpoint.items()
-            if k.startswith("model.diffusion_model.")}
+    return {
+        k.removeprefix("model.diffusion_model."): v
+        for k, v in checkpoint.items()
+        if k.startswith("model.diffusion_model.")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +85,25 @@ def trained(comfy):
 def test_object_info_lists_every_node_with_its_inputs(comfy) -> None:
     server, _ = comfy
     expected = {
-        "SaRATrain": {"model", "latents", "positive", "steps", "batch_size", "grad_accumulation", "learning_rate",
-                      "budget", "threshold", "rank_loss_weight", "progressive_fraction", "seed", "training_dtype",
-                      "gradient_checkpointing", "save_every", "save_prefix", "existing_delta"},
+        "SaRATrain": {
+            "model",
+            "latents",
+            "positive",
+            "steps",
+            "batch_size",
+            "grad_accumulation",
+            "learning_rate",
+            "budget",
+            "threshold",
+            "rank_loss_weight",
+            "progressive_fraction",
+            "seed",
+            "training_dtype",
+            "gradient_checkpointing",
+            "save_every",
+            "save_prefix",
+            "existing_delta",
+        },
         "SaRASave": {"delta", "filename_prefix", "values_dtype"},
         "SaRALoader": {"model", "delta_name", "strength"},
         "SaRAApply": {"model", "delta", "strength"},
@@ -117,8 +157,13 @@ def test_trained_model_is_base_plus_delta_and_the_base_is_restored(comfy, traine
         changed += int((layer.values != 0).sum())
     assert changed > 0.5 * delta.num_entries
     # The shared ComfyUI model went back to the pretrained weights bit-exactly.
-    server.run_ok(with_model_save({"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}}},
-                                   ["ckpt", 0], "after_training"))
+    server.run_ok(
+        with_model_save(
+            {"ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT}}},
+            ["ckpt", 0],
+            "after_training",
+        )
+    )
     after = unet_of(load_file(output_file(server, "diffusion_models", "after_training")))
     assert all(torch.equal(after[key], base[key]) for key in base)
 
@@ -141,14 +186,17 @@ def test_sampling_with_the_trained_model_equals_loading_the_saved_delta(comfy, t
     server, _ = comfy
     graph = train_graph()
     graph = {k: v for k, v in graph.items() if k in ("ckpt", "pos")}
-    graph["loader"] = {"class_type": "SaRALoader", "inputs": {"model": ["ckpt", 0],
-                                                              "delta_name": saved_delta(server.base, "trained").name,
-                                                              "strength": 1.0}}
+    graph["loader"] = {
+        "class_type": "SaRALoader",
+        "inputs": {"model": ["ckpt", 0], "delta_name": saved_delta(server.base, "trained").name, "strength": 1.0},
+    }
     with_sampling(graph, ["loader", 0], "loaded")
     with_sampling(graph, ["ckpt", 0], "base")
     server.run_ok(graph)
-    latent = {name: load_file(output_file(server, "latents", name))["latent_tensor"]
-              for name in ("trained", "loaded", "base")}
+    latent = {
+        name: load_file(output_file(server, "latents", name))["latent_tensor"]
+        for name in ("trained", "loaded", "base")
+    }
     assert torch.allclose(latent["trained"], latent["loaded"], atol=1e-5)
     assert not torch.allclose(latent["trained"], latent["base"], atol=1e-3)
 
@@ -157,8 +205,14 @@ def test_apply_node_and_loss_map_feed_builtin_nodes(comfy) -> None:
     """SaRA Apply at strength 0 gives the base; LOSS_MAP plots through the built-in loss graph."""
     server, base = comfy
     graph = train_graph(steps=3)
-    graph["apply0"] = {"class_type": "SaRAApply", "inputs": {"model": ["ckpt", 0], "delta": ["train", 1], "strength": 0.0}}
-    graph["apply1"] = {"class_type": "SaRAApply", "inputs": {"model": ["ckpt", 0], "delta": ["train", 1], "strength": 1.0}}
+    graph["apply0"] = {
+        "class_type": "SaRAApply",
+        "inputs": {"model": ["ckpt", 0], "delta": ["train", 1], "strength": 0.0},
+    }
+    graph["apply1"] = {
+        "class_type": "SaRAApply",
+        "inputs": {"model": ["ckpt", 0], "delta": ["train", 1], "strength": 1.0},
+    }
     with_model_save(graph, ["apply0", 0], "apply0")
     with_model_save(graph, ["apply1", 0], "apply1")
     with_model_save(graph, ["train", 0], "train3")
@@ -176,8 +230,12 @@ def test_apply_node_and_loss_map_feed_builtin_nodes(comfy) -> None:
 def test_continuing_from_a_delta_includes_it(comfy, trained) -> None:
     server, _ = comfy
     _, delta, _ = trained
-    server.run_ok(with_save(train_graph(steps=2, learning_rate=1e-8,
-                                         existing_delta=saved_delta(server.base, "trained").name), "continued"))
+    server.run_ok(
+        with_save(
+            train_graph(steps=2, learning_rate=1e-8, existing_delta=saved_delta(server.base, "trained").name),
+            "continued",
+        )
+    )
     continued = sara_train.SparseDelta.load(saved_delta(server.base, "continued"))
     assert continued.metadata["steps"] == "32"
     assert continued.base_fingerprint == delta.base_fingerprint
@@ -195,8 +253,10 @@ def test_per_image_conditioning_trains(comfy) -> None:
     server, _ = comfy
     graph = train_graph(steps=2)
     graph["pos2"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a blue square"}}
-    graph["both"] = {"class_type": "ConditioningCombine", "inputs": {"conditioning_1": ["pos", 0],
-                                                                     "conditioning_2": ["pos2", 0]}}
+    graph["both"] = {
+        "class_type": "ConditioningCombine",
+        "inputs": {"conditioning_1": ["pos", 0], "conditioning_2": ["pos2", 0]},
+    }
     graph["train"]["inputs"]["positive"] = ["both", 0]
     entry = server.run_ok(graph)
     assert len(entry["outputs"]["train"]["sara_loss"]) == 2
@@ -216,16 +276,24 @@ def test_default_bf16_training_runs_and_learns(comfy) -> None:
 
 def nan_clip_lora(path) -> None:
     """A LoRA whose update of CLIP layer 0's fc2 is NaN: every CLIPTextEncode through it is NaN."""
-    save_file({"lora_te_text_model_encoder_layers_0_mlp_fc2.lora_up.weight": torch.full((768, 1), float("nan")),
-               "lora_te_text_model_encoder_layers_0_mlp_fc2.lora_down.weight": torch.ones(1, 3072)}, str(path))
+    save_file(
+        {
+            "lora_te_text_model_encoder_layers_0_mlp_fc2.lora_up.weight": torch.full((768, 1), float("nan")),
+            "lora_te_text_model_encoder_layers_0_mlp_fc2.lora_down.weight": torch.ones(1, 3072),
+        },
+        str(path),
+    )
 
 
-@pytest.mark.parametrize("case, message", [
-    ("zero_latents", "all zeros"),
-    ("nan_conditioning", "conditioning 1 contains NaN"),
-    ("other_model_delta", "delta is for another model"),
-    ("bad_prefix", "filename prefix '../escape' leads outside"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("zero_latents", "all zeros"),
+        ("nan_conditioning", "conditioning 1 contains NaN"),
+        ("other_model_delta", "delta is for another model"),
+        ("bad_prefix", "filename prefix '../escape' leads outside"),
+    ],
+)
 def test_bad_training_inputs_are_node_errors(comfy, case: str, message: str) -> None:
     server, _ = comfy
     graph = train_graph(steps=2)
@@ -234,9 +302,16 @@ def test_bad_training_inputs_are_node_errors(comfy, case: str, message: str) -> 
         graph["train"]["inputs"]["latents"] = ["empty", 0]
     elif case == "nan_conditioning":
         nan_clip_lora(server.base / "models" / "loras" / "nan_clip.safetensors")
-        graph["lora"] = {"class_type": "LoraLoader", "inputs": {"model": ["ckpt", 0], "clip": ["ckpt", 1],
-                                                                "lora_name": "nan_clip.safetensors",
-                                                                "strength_model": 0.0, "strength_clip": 1.0}}
+        graph["lora"] = {
+            "class_type": "LoraLoader",
+            "inputs": {
+                "model": ["ckpt", 0],
+                "clip": ["ckpt", 1],
+                "lora_name": "nan_clip.safetensors",
+                "strength_model": 0.0,
+                "strength_clip": 1.0,
+            },
+        }
         graph["pos"]["inputs"]["clip"] = ["lora", 1]
     elif case == "other_model_delta":
         graph["train"]["inputs"]["existing_delta"] = "other_model.safetensors"
@@ -252,8 +327,9 @@ def test_bad_training_inputs_are_node_errors(comfy, case: str, message: str) -> 
 
 def test_cancel_stops_training_keeps_what_was_learned_and_leaves_no_partial_file(comfy) -> None:
     server, base = comfy
-    graph = with_save(train_graph(steps=5000, learning_rate=1e-3, save_every=3, save_prefix="cancelled"),
-                      "cancelled_final")
+    graph = with_save(
+        train_graph(steps=5000, learning_rate=1e-3, save_every=3, save_prefix="cancelled"), "cancelled_final"
+    )
     folder = server.base / "models" / "sara"
     result: dict = {}
     runner = threading.Thread(target=lambda: result.update(entry=server.run(graph, timeout=600)))

@@ -4,6 +4,7 @@ Headless Chromium opens the test server's UI; the example workflows from ``examp
 are loaded as a user would, pointed at the tiny test models, and queued.
 Set ``SARA_SCREENSHOTS=docs/images`` to also save the screenshots used in the README.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from tools.comfyui_browser import ComfyUIPage
 from tools.comfyui_graphs import saved_delta
 from tools.comfyui_server import REPO, execution_error
@@ -54,8 +56,10 @@ def screenshot(page: ComfyUIPage, name: str) -> None:
         page.fit_view()
         Path(folder).mkdir(parents=True, exist_ok=True)
         size = page.page.viewport_size  # below the top banner, left of the side bar's queue panel
-        page.page.screenshot(path=str(Path(folder) / name), clip={"x": 60, "y": 80, "width": size["width"] - 60,
-                                                                  "height": size["height"] - 80})
+        page.page.screenshot(
+            path=str(Path(folder) / name),
+            clip={"x": 60, "y": 80, "width": size["width"] - 60, "height": size["height"] - 80},
+        )
 
 
 @pytest.fixture(scope="module")
@@ -69,21 +73,31 @@ def page(comfy):
 def test_train_example_draws_the_live_loss_chart(comfy, page) -> None:
     server, _ = comfy
     page.load(json.loads((EXAMPLES / "sara_train_and_sample.json").read_text()))
-    page.set_widgets({**TEST_VALUES, "LoadImage": {"image": "train_0.png"},
-                      "SaRATrain": {"steps": TRAIN_STEPS, "training_dtype": "fp32", "save_every": 0},
-                      "SaRASave": {"filename_prefix": "web_example"}})
-    page.page.evaluate("() => { window.__saraEvents = []; "
-                       "app.api.addEventListener('sara.loss', (e) => window.__saraEvents.push(e.detail)); }")
+    page.set_widgets(
+        {
+            **TEST_VALUES,
+            "LoadImage": {"image": "train_0.png"},
+            "SaRATrain": {"steps": TRAIN_STEPS, "training_dtype": "fp32", "save_every": 0},
+            "SaRASave": {"filename_prefix": "web_example"},
+        }
+    )
+    page.page.evaluate(
+        "() => { window.__saraEvents = []; "
+        "app.api.addEventListener('sara.loss', (e) => window.__saraEvents.push(e.detail)); }"
+    )
     page.queue()
-    page.page.wait_for_function("() => app.graph._nodes.find((n) => n.type === 'SaRATrain')"
-                                ".saraChart.status.startsWith('done')", timeout=300_000)
+    page.page.wait_for_function(
+        "() => app.graph._nodes.find((n) => n.type === 'SaRATrain').saraChart.status.startsWith('done')",
+        timeout=300_000,
+    )
     state = page.page.evaluate(CHART_STATE_JS)
     assert state["events"] == TRAIN_STEPS  # one live event per step, received while training
     assert state["points"] == state["stored"] == TRAIN_STEPS
     assert state["inked"] > 50, state  # the curve is drawn in the canvas
     assert state["status"].startswith(f"done: {TRAIN_STEPS}/{TRAIN_STEPS} steps")
-    saved = page.page.evaluate("() => app.graph.serialize().nodes.find((n) => n.type === 'SaRATrain')"
-                               ".properties.sara_loss.length")
+    saved = page.page.evaluate(
+        "() => app.graph.serialize().nodes.find((n) => n.type === 'SaRATrain').properties.sara_loss.length"
+    )
     assert saved == TRAIN_STEPS  # kept with the workflow after the run
     wait_until_idle(server)
     assert saved_delta(server.base, "web_example").exists()
@@ -94,8 +108,13 @@ def test_train_example_draws_the_live_loss_chart(comfy, page) -> None:
 def test_load_example_runs_through_the_http_api(comfy, page) -> None:
     server, _ = comfy
     page.load(json.loads((EXAMPLES / "sara_load_and_sample.json").read_text()))
-    page.set_widgets({**TEST_VALUES, "SaRALoader": {"delta_name": "a.safetensors"},
-                      "SaveImage": {"filename_prefix": "web_load_example"}})
+    page.set_widgets(
+        {
+            **TEST_VALUES,
+            "SaRALoader": {"delta_name": "a.safetensors"},
+            "SaveImage": {"filename_prefix": "web_load_example"},
+        }
+    )
     entry = server.run(page.to_api_prompt())
     assert entry["status"]["status_str"] == "success", execution_error(entry)
     images = [image for output in entry["outputs"].values() for image in output.get("images", [])]

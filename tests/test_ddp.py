@@ -1,5 +1,6 @@
 """DDP over 2 CPU processes (gloo) equals one process on the whole batch; only the sparse values
 are all-reduced."""
+
 import socket
 from pathlib import Path
 
@@ -48,8 +49,11 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     x, y = make_batch()
     train(ddp, handle.parameters(), (x.chunk(world)[rank], y.chunk(world)[rank]))
     if rank == 0:
-        save_file({name: v.detach() for name, v in handle.named_parameters()}, str(Path(out_dir) / "ddp.safetensors"),
-                  metadata={"reduced_per_step": str(sum(reduced) // STEPS), "trainable": str(handle.num_trainable)})
+        save_file(
+            {name: v.detach() for name, v in handle.named_parameters()},
+            str(Path(out_dir) / "ddp.safetensors"),
+            metadata={"reduced_per_step": str(sum(reduced) // STEPS), "trainable": str(handle.num_trainable)},
+        )
     dist.destroy_process_group()
 
 

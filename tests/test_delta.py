@@ -1,4 +1,5 @@
 """SparseDelta: file round trip, apply/undo, stacking, summary, remove()."""
+
 import copy
 import json
 from pathlib import Path
@@ -130,7 +131,7 @@ def test_remove_merges_the_update(tiny_net: TinyNet, batch) -> None:
         trained_out = tiny_net(x)
     handle.remove()
     assert type(tiny_net.proj) is nn.Linear and "parametrizations" not in dict(tiny_net.named_modules())
-    assert set(tiny_net.state_dict()) == {k for k in TinyNet().state_dict()}
+    assert set(tiny_net.state_dict()) == set(TinyNet().state_dict())
     assert all(p.requires_grad for p in tiny_net.parameters())
     torch.testing.assert_close(tiny_net(x), trained_out, rtol=0, atol=0)
 
@@ -183,5 +184,9 @@ def test_remove_without_merge_restores_the_pretrained_weights_exactly(batch, dty
         assert torch.equal(tensor, pristine[key]), f"{key} differs from the pretrained weights"
     delta.apply_to(model)
     with torch.no_grad():
-        torch.testing.assert_close(model(x.to(dtype)), trained_out, rtol=1e-3 if dtype == torch.float16 else 1e-6,
-                                   atol=1e-3 if dtype == torch.float16 else 1e-7)
+        torch.testing.assert_close(
+            model(x.to(dtype)),
+            trained_out,
+            rtol=1e-3 if dtype == torch.float16 else 1e-6,
+            atol=1e-3 if dtype == torch.float16 else 1e-7,
+        )

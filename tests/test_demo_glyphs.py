@@ -1,5 +1,6 @@
 """The glyph demo's pieces: font rendering and catalogue, the word-level text encoder, the committed
 base model (it loads and draws the right characters) and the character-accuracy metric."""
+
 from pathlib import Path
 
 import pytest
@@ -7,13 +8,32 @@ import torch
 from safetensors.torch import load_file
 
 from sara_train.demo.glyphs import (
-    ALL_FONTS, CHARACTERS, GLYPH_SIZE, HELD_OUT_FONT, PRETRAINING_FONTS, glyph_prompt, render_font,
-    render_glyphs)
+    ALL_FONTS,
+    CHARACTERS,
+    GLYPH_SIZE,
+    HELD_OUT_FONT,
+    PRETRAINING_FONTS,
+    glyph_prompt,
+    render_font,
+    render_glyphs,
+)
 from sara_train.demo.metrics import (
-    character_accuracy, recognise_characters, slant_degrees, style_distance, style_distances)
+    character_accuracy,
+    recognise_characters,
+    slant_degrees,
+    style_distance,
+    style_distances,
+)
 from sara_train.demo.model import BASE_FOLDER, generate, glyph_grid, load_glyph_model, save_glyph_model
 from sara_train.demo.text import (
-    PAD, START, TextEncoder, TextEncoderConfig, glyph_vocabulary, load_text_encoder, save_text_encoder)
+    PAD,
+    START,
+    TextEncoder,
+    TextEncoderConfig,
+    glyph_vocabulary,
+    load_text_encoder,
+    save_text_encoder,
+)
 from sara_train.engine.errors import SaRAError
 
 HELD_OUT_CHARS = "gqzAQW58"
@@ -93,7 +113,7 @@ def test_text_encoder_round_trip_is_bit_exact(tmp_path: Path) -> None:
         hidden = encoder.encode(prompts)
         assert hidden.shape == (3, encoder.config.max_length, 64)
         assert torch.equal(loaded.encode(prompts), hidden)
-    (tmp_path / "text_encoder.json").write_text("{\"vocabulary\": [\"a\"]}")
+    (tmp_path / "text_encoder.json").write_text('{"vocabulary": ["a"]}')
     with pytest.raises(SaRAError, match="text_encoder.json"):
         load_text_encoder(tmp_path)
 

@@ -1,5 +1,6 @@
 """The demo end to end at 2 steps (the full 150-step run is `make demo`, run by CI): the committed
 base loads, the fine-tune goes through the shared trainer loop, and every promised file appears."""
+
 from pathlib import Path
 
 import torch
@@ -8,7 +9,7 @@ from PIL import Image
 from sara_train import SparseDelta
 from sara_train.demo.glyphs import CHARACTERS, HELD_OUT_FONT
 from sara_train.demo.model import load_glyph_model
-from sara_train.demo.run import FINETUNE_CHARACTERS, HELD_OUT_CHARACTERS, main, run_demo, summary
+from sara_train.demo.run import FINETUNE_CHARACTERS, HELD_OUT_CHARACTERS, main
 from sara_train.trainer.logs import read_loss_log
 
 

@@ -1,5 +1,6 @@
 """SaRA on a real diffusers UNet2DConditionModel (small config, random weights): trains with
 diffusers' own gradient checkpointing, and its delta reproduces the trained model on a fresh copy."""
+
 import copy
 from pathlib import Path
 
@@ -12,9 +13,17 @@ import sara_train
 def tiny_unet() -> UNet2DConditionModel:
     torch.manual_seed(0)
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
 
 
 def test_unet_trains_and_its_delta_reproduces_it(tmp_path: Path) -> None:

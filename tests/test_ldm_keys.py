@@ -1,29 +1,42 @@
 """diffusers <-> LDM UNet key names, checked against diffusers' own single-file converter."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+from tiny_sd import TEXT_WIDTH, tiny_unet
 
 from sara_train import SaRAConfig, SparseDelta, inject
-from sara_train.engine.errors import DeltaMismatchError, SaRAError
 from sara_train.engine.apply import fit_delta
+from sara_train.engine.errors import DeltaMismatchError, SaRAError
 from sara_train.engine.keys import resolve_keys
-from sara_train.families.sd_unet import (delta_to_diffusers_keys, delta_to_ldm_keys, diffusers_to_ldm_unet_keys,
-                                         ldm_to_diffusers_unet_keys, unet_key_naming, unet_layout_from_diffusers_keys,
-                                         unet_layout_from_ldm_keys)
-from tiny_sd import TEXT_WIDTH, tiny_unet
+from sara_train.families.sd_unet import (
+    delta_to_diffusers_keys,
+    delta_to_ldm_keys,
+    diffusers_to_ldm_unet_keys,
+    ldm_to_diffusers_unet_keys,
+    unet_key_naming,
+    unet_layout_from_diffusers_keys,
+    unet_layout_from_ldm_keys,
+)
 
 LAYOUT_FIELDS = ("layers_per_block", "down_block_types", "up_block_types", "mid_block_type")
 
 
 def deep_unet() -> UNet2DConditionModel:
     """Three levels, two layers each, attention in the first two: SD1.5's shape in miniature."""
-    return UNet2DConditionModel(sample_size=8, layers_per_block=2, block_out_channels=(32, 32, 64),
-                                norm_num_groups=8, cross_attention_dim=TEXT_WIDTH, attention_head_dim=8,
-                                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    return UNet2DConditionModel(
+        sample_size=8,
+        layers_per_block=2,
+        block_out_channels=(32, 32, 64),
+        norm_num_groups=8,
+        cross_attention_dim=TEXT_WIDTH,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )
 
 
 @pytest.fixture(scope="module", params=["sd15", "sd2", "sdxl", "deep"])
@@ -34,8 +47,10 @@ def unet(request) -> UNet2DConditionModel:
 
 def ldm_checkpoint(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
     state = unet.state_dict()
-    return {f"model.diffusion_model.{ldm}": state[key]
-            for key, ldm in diffusers_to_ldm_unet_keys(state, unet.config).items()}
+    return {
+        f"model.diffusion_model.{ldm}": state[key]
+        for key, ldm in diffusers_to_ldm_unet_keys(state, unet.config).items()
+    }
 
 
 def test_diffusers_converter_reads_our_ldm_names_back_exactly(unet):
@@ -48,9 +63,16 @@ def test_diffusers_converter_reads_our_ldm_names_back_exactly(unet):
 
 def test_ldm_names_are_the_original_layout(unet):
     names = set(diffusers_to_ldm_unet_keys(unet.state_dict(), unet.config).values())
-    assert {"input_blocks.0.0.weight", "time_embed.0.weight", "time_embed.2.bias", "out.0.weight", "out.2.weight",
-            "middle_block.0.in_layers.0.weight", "middle_block.1.proj_in.weight",
-            "middle_block.2.out_layers.3.weight"} <= names
+    assert {
+        "input_blocks.0.0.weight",
+        "time_embed.0.weight",
+        "time_embed.2.bias",
+        "out.0.weight",
+        "out.2.weight",
+        "middle_block.0.in_layers.0.weight",
+        "middle_block.1.proj_in.weight",
+        "middle_block.2.out_layers.3.weight",
+    } <= names
     assert ("label_emb.0.0.weight" in names) == (unet.config.addition_embed_type == "text_time")
     assert not any(name.startswith(("down_blocks", "up_blocks", "mid_block")) for name in names)
 
@@ -71,15 +93,20 @@ def test_layout_is_read_back_from_ldm_keys(unet):
 
 def test_keys_without_a_counterpart_are_named_in_the_error():
     config = tiny_unet("sd15").config
-    for key in ("down_blocks.2.resnets.0.conv1.weight", "time_embedding.cond_proj.weight",
-                "down_blocks.0.resnets.0.bogus.weight", "conv_in.weight.extra"):
+    for key in (
+        "down_blocks.2.resnets.0.conv1.weight",
+        "time_embedding.cond_proj.weight",
+        "down_blocks.0.resnets.0.bogus.weight",
+        "conv_in.weight.extra",
+    ):
         with pytest.raises(SaRAError, match=key.replace(".", r"\.")):
             diffusers_to_ldm_unet_keys([key], config)
     with pytest.raises(SaRAError, match=r"input_blocks\.9\.0\.in_layers\.0\.weight"):
         ldm_to_diffusers_unet_keys(["input_blocks.9.0.in_layers.0.weight"], config)
     with pytest.raises(SaRAError, match="SimpleCrossAttnDownBlock2D"):
-        diffusers_to_ldm_unet_keys(["conv_in.weight"], {**config, "down_block_types": ["SimpleCrossAttnDownBlock2D",
-                                                                                        "DownBlock2D"]})
+        diffusers_to_ldm_unet_keys(
+            ["conv_in.weight"], {**config, "down_block_types": ["SimpleCrossAttnDownBlock2D", "DownBlock2D"]}
+        )
     with pytest.raises(SaRAError, match="no LDM UNet keys"):
         unet_layout_from_ldm_keys(["first_stage_model.encoder.conv_in.weight"])
 
@@ -118,7 +145,9 @@ def test_delta_renamed_to_ldm_applies_like_the_original(trained_delta):
     ldm.apply_to(checkpoint)  # bare LDM keys find the model.diffusion_model. prefix
     back = convert_ldm_unet_checkpoint(checkpoint, dict(unet.config))
     assert all(torch.equal(back[key], expected[key]) for key in expected)
-    comfy_keys = ["diffusion_model." + ldm for ldm in diffusers_to_ldm_unet_keys(unet.state_dict(), unet.config).values()]
+    comfy_keys = [
+        "diffusion_model." + ldm for ldm in diffusers_to_ldm_unet_keys(unet.state_dict(), unet.config).values()
+    ]
     assert len(resolve_keys(ldm.layers, comfy_keys, "a ComfyUI model")) == len(ldm.layers)
 
 
@@ -138,7 +167,8 @@ def test_layout_is_read_back_from_diffusers_keys(unet):
     layout = unet_layout_from_diffusers_keys(unet.state_dict())
     assert {field: layout[field] for field in LAYOUT_FIELDS} == {
         field: (list(unet.config[field]) if isinstance(unet.config[field], (list, tuple)) else unet.config[field])
-        for field in LAYOUT_FIELDS}
+        for field in LAYOUT_FIELDS
+    }
 
 
 def test_a_delta_fits_either_naming(trained_delta):
@@ -154,8 +184,10 @@ def test_a_delta_fits_either_naming(trained_delta):
         assert set(fit_delta(naming, checkpoint).layers) == {"model.diffusion_model." + key for key in ldm.layers}
         assert set(fit_delta(naming, comfy).layers) == {"diffusion_model." + key for key in ldm.layers}
     on_unet = fit_delta(ldm, diffusers)
-    assert all(on_unet.layers[key] is ldm.layers[ldm_key]
-               for key, ldm_key in diffusers_to_ldm_unet_keys(delta.layers, unet.config).items())
+    assert all(
+        on_unet.layers[key] is ldm.layers[ldm_key]
+        for key, ldm_key in diffusers_to_ldm_unet_keys(delta.layers, unet.config).items()
+    )
     other = tiny_unet("sd15") if unet.config.layers_per_block == 2 else deep_unet()  # another architecture
     with pytest.raises(DeltaMismatchError, match="another model"):
         fit_delta(delta, shapes(ldm_checkpoint(other)))
@@ -180,7 +212,12 @@ def test_a_diffusers_delta_never_lands_in_a_checkpoints_vae(trained_delta):
     unet, delta = trained_delta
     small = SparseDelta({key: delta.layers[key] for key in ("conv_in.weight", "conv_out.weight")})
     checkpoint = shapes(ldm_checkpoint(unet))
-    checkpoint |= {"first_stage_model.encoder.conv_in.weight": checkpoint["model.diffusion_model.input_blocks.0.0.weight"],
-                   "first_stage_model.encoder.conv_out.weight": checkpoint["model.diffusion_model.out.2.weight"]}
+    checkpoint |= {
+        "first_stage_model.encoder.conv_in.weight": checkpoint["model.diffusion_model.input_blocks.0.0.weight"],
+        "first_stage_model.encoder.conv_out.weight": checkpoint["model.diffusion_model.out.2.weight"],
+    }
     matched = fit_delta(small, checkpoint)
-    assert set(matched.layers) == {"model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.out.2.weight"}
+    assert set(matched.layers) == {
+        "model.diffusion_model.input_blocks.0.0.weight",
+        "model.diffusion_model.out.2.weight",
+    }

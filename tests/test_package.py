@@ -1,6 +1,7 @@
 """The package's layers: imports point one way (engine <- families <- applications), and the library
 works where only torch and safetensors are installed (no diffusers, transformers, accelerate,
 matplotlib or peft)."""
+
 from __future__ import annotations
 
 import ast
@@ -13,8 +14,11 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "sara_train"
 LAYERS = {"engine": set(), "families": {"engine"}, "plots": {"engine"}}
 """Which sibling packages each lower layer may import (applications may import anything below)."""
-ALLOWED_THIRD_PARTY = {"engine": {"torch", "safetensors"}, "families": {"torch", "safetensors"},
-                       "plots": {"torch", "PIL", "matplotlib"}}
+ALLOWED_THIRD_PARTY = {
+    "engine": {"torch", "safetensors"},
+    "families": {"torch", "safetensors"},
+    "plots": {"torch", "PIL", "matplotlib"},
+}
 STDLIB = sys.stdlib_module_names
 
 
@@ -73,8 +77,13 @@ print(sorted(name for name in sys.modules if name.split(".")[0] in {BLOCKED!r}))
 
 
 def test_import_sara_train_needs_no_application_packages() -> None:
-    result = subprocess.run([sys.executable, "-c", WITHOUT_APPLICATION_PACKAGES], capture_output=True, text=True,
-                            timeout=300, cwd=PACKAGE.parent)
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_APPLICATION_PACKAGES],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=PACKAGE.parent,
+    )
     assert result.returncode == 0, result.stderr
     keys, loaded = result.stdout.strip().splitlines()
     assert keys == "['input_blocks.0.0.weight', 'out.2.weight'] True"

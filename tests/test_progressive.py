@@ -1,4 +1,5 @@
 """Progressive re-selection keeps optimizer state and learned values; SaRAAdamW does it itself."""
+
 import copy
 
 import torch
@@ -8,7 +9,9 @@ from torch import nn
 import sara_train
 
 
-def train(model: nn.Module, handle: sara_train.SaRAHandle, optimizer: torch.optim.Optimizer, batch, steps: int) -> None:
+def train(
+    model: nn.Module, handle: sara_train.SaRAHandle, optimizer: torch.optim.Optimizer, batch, steps: int
+) -> None:
     x, y = batch
     for _ in range(steps):
         optimizer.zero_grad()
@@ -20,8 +23,10 @@ def test_reselect_keeps_state_of_kept_entries_and_freezes_the_rest(tiny_net: Tin
     handle = sara_train.inject(tiny_net, sara_train.SaRAConfig(budget=0.2))
     optimizer = torch.optim.Adam(handle.parameters(), lr=0.05)
     train(tiny_net, handle, optimizer, batch, 5)
-    old = {name: (u.values.detach().clone(), u.flat_indices.clone(), dict(optimizer.state[u.values]))
-           for name, u in handle.layers.items()}
+    old = {
+        name: (u.values.detach().clone(), u.flat_indices.clone(), dict(optimizer.state[u.values]))
+        for name, u in handle.layers.items()
+    }
     delta_before = handle.delta()
     remaining = handle.reselect(optimizer)
 
@@ -43,8 +48,10 @@ def test_reselect_keeps_state_of_kept_entries_and_freezes_the_rest(tiny_net: Tin
         assert torch.equal(after.layers[key].flat_indices, layer.flat_indices)
         torch.testing.assert_close(after.layers[key].values, layer.values)
 
-    frozen = {name: (u.frozen_indices.clone(), handle.weight(name).flatten()[u.frozen_indices].clone())
-              for name, u in handle.layers.items()}
+    frozen = {
+        name: (u.frozen_indices.clone(), handle.weight(name).flatten()[u.frozen_indices].clone())
+        for name, u in handle.layers.items()
+    }
     train(tiny_net, handle, optimizer, batch, 3)
     for name, (indices, values) in frozen.items():
         assert torch.equal(handle.weight(name).flatten()[indices], values), "a frozen entry moved"
@@ -78,7 +85,9 @@ def test_sara_adamw_one_line_form(tiny_net: TinyNet, batch) -> None:
     assert optimizer.last_rank_loss > 0
 
     handle = sara_train.inject(twin, sara_train.SaRAConfig(budget=0.2))
-    manual = torch.optim.AdamW(handle.parameters(), lr=0.05, weight_decay=0.0)  # SaRAAdamW decays ΔP only, by default not at all
+    manual = torch.optim.AdamW(
+        handle.parameters(), lr=0.05, weight_decay=0.0
+    )  # SaRAAdamW decays ΔP only, by default not at all
     for step in range(1, 6):
         manual.zero_grad()
         (nn.functional.mse_loss(twin(x), y) + 0.01 * handle.rank_loss()).backward()
@@ -88,4 +97,3 @@ def test_sara_adamw_one_line_form(tiny_net: TinyNet, batch) -> None:
     assert optimizer.handle.num_trainable == handle.num_trainable < handle.delta().num_entries
     for (_, got), (_, expected) in zip(optimizer.handle.named_parameters(), handle.named_parameters()):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-

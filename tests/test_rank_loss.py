@@ -1,4 +1,5 @@
 """Nuclear-norm loss: value and gradient against autograd through torch.linalg.svdvals."""
+
 import pytest
 import torch
 from torch import nn
@@ -16,8 +17,9 @@ def perturbed_handle(module: nn.Module, seed: int = 0) -> sara_train.SaRAHandle:
     return handle
 
 
-@pytest.mark.parametrize("module", [nn.Linear(9, 6), nn.Linear(5, 12), nn.Conv2d(4, 7, 3)],
-                         ids=["wide", "tall", "conv"])
+@pytest.mark.parametrize(
+    "module", [nn.Linear(9, 6), nn.Linear(5, 12), nn.Conv2d(4, 7, 3)], ids=["wide", "tall", "conv"]
+)
 def test_rank_loss_matches_svdvals_autograd(module: nn.Module) -> None:
     torch.manual_seed(0)
     handle = perturbed_handle(module)
@@ -27,8 +29,11 @@ def test_rank_loss_matches_svdvals_autograd(module: nn.Module) -> None:
     (grad,) = torch.autograd.grad(loss, values)
 
     reference_values = values.detach().clone().requires_grad_(True)
-    dense = torch.zeros(update.shape).flatten().index_put((update.flat_indices.long(),),
-                                                          reference_values - update.base_values)
+    dense = (
+        torch.zeros(update.shape)
+        .flatten()
+        .index_put((update.flat_indices.long(),), reference_values - update.base_values)
+    )
     reference = torch.linalg.svdvals(dense.view(update.shape[0], -1)).sum()
     (reference_grad,) = torch.autograd.grad(reference, reference_values)
     torch.testing.assert_close(loss, reference.detach(), rtol=1e-6, atol=1e-6)

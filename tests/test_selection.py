@@ -1,4 +1,5 @@
 """Which entries are selected: threshold, exact budget, targets."""
+
 import pytest
 import torch
 from torch import nn
@@ -9,8 +10,11 @@ from sara_train.engine.selection import find_targets, kth_smallest_magnitude, se
 
 def test_kth_smallest_matches_sorting() -> None:
     generator = torch.Generator().manual_seed(0)
-    weights = [torch.randn(37, 11, generator=generator), torch.randn(500, generator=generator) * 1e-3,
-               torch.randn(3, 4, 5, 5, generator=generator)]
+    weights = [
+        torch.randn(37, 11, generator=generator),
+        torch.randn(500, generator=generator) * 1e-3,
+        torch.randn(3, 4, 5, 5, generator=generator),
+    ]
     magnitudes = torch.cat([w.abs().flatten() for w in weights]).sort().values
     for k in (1, 2, 17, 400, magnitudes.numel()):
         cut = kth_smallest_magnitude(weights, k)
@@ -40,9 +44,17 @@ def test_budget_count_is_exact_even_with_ties(dtype: torch.dtype) -> None:
         selected = torch.cat([weights[n].flatten()[i.long()].abs().float() for n, i in indices.items()])
         assert bool((selected < threshold).all())
         unselected_min = min(
-            float(torch.cat([w.flatten().abs().float()[torch.isin(torch.arange(w.numel()), indices[n].long(), invert=True)]
-                             if n in indices else w.flatten().abs().float()]).min())
-            for n, w in weights.items())
+            float(
+                torch.cat(
+                    [
+                        w.flatten().abs().float()[torch.isin(torch.arange(w.numel()), indices[n].long(), invert=True)]
+                        if n in indices
+                        else w.flatten().abs().float()
+                    ]
+                ).min()
+            )
+            for n, w in weights.items()
+        )
         assert float(selected.max()) <= unselected_min
         for i in indices.values():
             assert bool((i[1:] > i[:-1]).all())
@@ -59,15 +71,18 @@ def test_targets_patterns_bias_and_norm(tiny_net: nn.Module) -> None:
         find_targets(tiny_net, sara_train.SaRAConfig(include=["nothing-matches"]))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"threshold": 1e-3, "budget": 0.1}, "either threshold or budget"),
-    ({"budget": 1.5}, "fractional budget"),
-    ({"budget": 0}, "count budget"),
-    ({"threshold": -1.0}, "threshold must be a finite number > 0"),
-    ({"threshold": float("nan")}, "threshold must be a finite number > 0"),
-    ({"budget": float("nan")}, "fractional budget"),
-    ({"include": ["attn("]}, "include pattern 'attn\\(' is not a valid regex"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"threshold": 1e-3, "budget": 0.1}, "either threshold or budget"),
+        ({"budget": 1.5}, "fractional budget"),
+        ({"budget": 0}, "count budget"),
+        ({"threshold": -1.0}, "threshold must be a finite number > 0"),
+        ({"threshold": float("nan")}, "threshold must be a finite number > 0"),
+        ({"budget": float("nan")}, "fractional budget"),
+        ({"include": ["attn("]}, "include pattern 'attn\\(' is not a valid regex"),
+    ],
+)
 def test_config_errors(kwargs: dict, message: str) -> None:
     with pytest.raises(sara_train.SaRAError, match=message):
         sara_train.SaRAConfig(**kwargs)

@@ -2,6 +2,7 @@
 points, never raced against a timer: each run ends with the one-line message, exit status 130 /
 143, the last completed step saved (or nothing, before the first step), no partial or temporary
 file, and a resume that ends bit-identical to the uninterrupted run."""
+
 from __future__ import annotations
 
 import signal
@@ -14,8 +15,18 @@ from sara_train.cli import main
 from sara_train.trainer.logs import read_loss_log
 
 SIGINT, SIGTERM = signal.SIGINT, signal.SIGTERM
-RUN_OPTIONS = ("--save-every", "2", "--sample-prompts", "a red disc", "--sample-every", "2", "--sample-steps", "2",
-               "--progressive-fraction", "0.5")
+RUN_OPTIONS = (
+    "--save-every",
+    "2",
+    "--sample-prompts",
+    "a red disc",
+    "--sample-every",
+    "2",
+    "--sample-steps",
+    "2",
+    "--progressive-fraction",
+    "0.5",
+)
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str]:
@@ -34,26 +45,86 @@ def reference(tiny_base: Path, image_folder: Path, tmp_path_factory) -> Path:
 
 # (phase, attribute to wrap, {call number: signal}, exit status, message, step saved (None: nothing))
 PHASES = [
-    ("loading the base", "sara_train.trainer.train.load_base", {1: SIGINT}, 130,
-     "SIGINT while loading the base model; nothing was saved", None),
-    ("encoding the cache", "sara_train.trainer.cache.save_file", {2: SIGTERM}, 143,
-     "SIGTERM while encoding the training images; nothing was saved", None),
-    ("the first step", "diffusers.UNet2DConditionModel.forward", {1: SIGINT}, 130,
-     "SIGINT while training step 1; nothing was saved", None),
-    ("a step", "diffusers.UNet2DConditionModel.forward", {6: SIGTERM}, 143,  # calls 3-4 render step 2's samples
-     "SIGTERM while training step 4; saved step 3 of 6", 3),
-    ("the delta write", "sara_train.engine.delta.save_file", {1: SIGINT}, 130,
-     "SIGINT while saving step 2; saved step 2 of 6", 2),
-    ("the state write", "sara_train.trainer.state_file.save_file", {1: SIGTERM}, 143,
-     "SIGTERM while saving step 2; saved step 2 of 6", 2),
-    ("the log plot", "sara_train.plots.loss.smoothed", {1: SIGINT}, 130,
-     "SIGINT while saving step 2; saved step 2 of 6", 2),
-    ("sample rendering", "diffusers.StableDiffusionPipeline.__call__", {1: SIGINT}, 130,
-     "SIGINT while rendering the samples of step 2; saved step 2 of 6", 2),
-    ("a second Ctrl-C in the final save", "sara_train.trainer.state_file.save_file", {2: SIGINT}, 130,
-     "SIGINT while training step 4; saved step 3 of 6", 3),
-    ("the final samples", "diffusers.StableDiffusionPipeline.__call__", {3: SIGTERM}, 143,
-     "SIGTERM while rendering the final samples; training had finished and is saved", 6),
+    (
+        "loading the base",
+        "sara_train.trainer.train.load_base",
+        {1: SIGINT},
+        130,
+        "SIGINT while loading the base model; nothing was saved",
+        None,
+    ),
+    (
+        "encoding the cache",
+        "sara_train.trainer.cache.save_file",
+        {2: SIGTERM},
+        143,
+        "SIGTERM while encoding the training images; nothing was saved",
+        None,
+    ),
+    (
+        "the first step",
+        "diffusers.UNet2DConditionModel.forward",
+        {1: SIGINT},
+        130,
+        "SIGINT while training step 1; nothing was saved",
+        None,
+    ),
+    (
+        "a step",
+        "diffusers.UNet2DConditionModel.forward",
+        {6: SIGTERM},
+        143,  # calls 3-4 render step 2's samples
+        "SIGTERM while training step 4; saved step 3 of 6",
+        3,
+    ),
+    (
+        "the delta write",
+        "sara_train.engine.delta.save_file",
+        {1: SIGINT},
+        130,
+        "SIGINT while saving step 2; saved step 2 of 6",
+        2,
+    ),
+    (
+        "the state write",
+        "sara_train.trainer.state_file.save_file",
+        {1: SIGTERM},
+        143,
+        "SIGTERM while saving step 2; saved step 2 of 6",
+        2,
+    ),
+    (
+        "the log plot",
+        "sara_train.plots.loss.smoothed",
+        {1: SIGINT},
+        130,
+        "SIGINT while saving step 2; saved step 2 of 6",
+        2,
+    ),
+    (
+        "sample rendering",
+        "diffusers.StableDiffusionPipeline.__call__",
+        {1: SIGINT},
+        130,
+        "SIGINT while rendering the samples of step 2; saved step 2 of 6",
+        2,
+    ),
+    (
+        "a second Ctrl-C in the final save",
+        "sara_train.trainer.state_file.save_file",
+        {2: SIGINT},
+        130,
+        "SIGINT while training step 4; saved step 3 of 6",
+        3,
+    ),
+    (
+        "the final samples",
+        "diffusers.StableDiffusionPipeline.__call__",
+        {3: SIGTERM},
+        143,
+        "SIGTERM while rendering the final samples; training had finished and is saved",
+        6,
+    ),
 ]
 
 
@@ -71,8 +142,19 @@ def wrap(monkeypatch, target: str, calls: dict[int, int]) -> None:
 
 @pytest.mark.parametrize("phase, target, calls, status, message, saved_step", PHASES, ids=[p[0] for p in PHASES])
 def test_a_signal_at_any_phase_ends_cleanly_and_resumes_exactly(
-        phase, target, calls, status, message, saved_step, reference: Path, tiny_base: Path, image_folder: Path,
-        tmp_path: Path, monkeypatch, capsys) -> None:
+    phase,
+    target,
+    calls,
+    status,
+    message,
+    saved_step,
+    reference: Path,
+    tiny_base: Path,
+    image_folder: Path,
+    tmp_path: Path,
+    monkeypatch,
+    capsys,
+) -> None:
     out = tmp_path / "run"
     args = train_args(tiny_base, image_folder, out, *RUN_OPTIONS)
     if phase == "a second Ctrl-C in the final save":  # the first Ctrl-C lands in step 4, the second in its save
@@ -90,7 +172,9 @@ def test_a_signal_at_any_phase_ends_cleanly_and_resumes_exactly(
     if saved_step is None:
         assert deltas == [] and not (out / "state").exists()
         return
-    newest = out / "sara_delta.safetensors" if saved_step == 6 else out / f"sara_delta_step{saved_step:06d}.safetensors"
+    newest = (
+        out / "sara_delta.safetensors" if saved_step == 6 else out / f"sara_delta_step{saved_step:06d}.safetensors"
+    )
     assert read_delta(newest).metadata["steps"] == str(saved_step)
     assert [row.step for row in read_loss_log(out / "loss.csv")] == list(range(1, saved_step + 1))
 
@@ -98,7 +182,8 @@ def test_a_signal_at_any_phase_ends_cleanly_and_resumes_exactly(
     assert run_cli([*args, "--resume"], capsys)[0] == 0
     assert_identical(read_delta(out / "sara_delta.safetensors"), read_delta(reference / "sara_delta.safetensors"))
     assert [row.loss for row in read_loss_log(out / "loss.csv")] == [
-        row.loss for row in read_loss_log(reference / "loss.csv")]
+        row.loss for row in read_loss_log(reference / "loss.csv")
+    ]
 
 
 def test_the_demo_stops_saves_and_resumes(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -1,5 +1,6 @@
 """The SaRA Train node's input handling. ``nodes/train_data.py`` needs only torch, so it is loaded
 by path here, without ``nodes/__init__.py`` (which needs a running ComfyUI)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -28,8 +29,11 @@ def test_one_batch_with_a_shared_conditioning_is_one_bucket() -> None:
 
 
 def test_a_list_of_sizes_is_grouped_into_buckets_keeping_per_image_conditioning() -> None:
-    latents = [{"samples": torch.randn(1, 4, 8, 8)}, {"samples": torch.randn(2, 4, 8, 12)},
-               {"samples": torch.randn(1, 4, 8, 8)}]
+    latents = [
+        {"samples": torch.randn(1, 4, 8, 8)},
+        {"samples": torch.randn(2, 4, 8, 12)},
+        {"samples": torch.randn(1, 4, 8, 8)},
+    ]
     conds = [conditioning(float(i)) for i in range(4)]
     data = build_training_set(latents, conds)
     assert [tuple(b.latents.shape) for b in data.buckets] == [(2, 4, 8, 8), (2, 4, 8, 12)]
@@ -45,15 +49,18 @@ def test_one_conditioning_with_an_entry_per_image_is_split_per_image() -> None:
     assert len(shared.conditionings) == 1 and shared.buckets[0].conditioning_ids == [0, 0, 0]
 
 
-@pytest.mark.parametrize("latents, conds, message", [
-    ([{"samples": torch.zeros(2, 4, 8, 8)}], [conditioning()], "all zeros"),
-    ([{"samples": torch.full((1, 4, 8, 8), float("nan"))}], [conditioning()], "latent 1 contains NaN"),
-    ([{"samples": torch.randn(1, 4, 8, 8)}], [conditioning(float("nan"))], "conditioning 1 contains NaN"),
-    ([{"samples": torch.randn(3, 4, 8, 8)}], [conditioning(), conditioning()], "2 conditionings for 3"),
-    ([{"samples": torch.randn(0, 4, 8, 8)}], [conditioning()], "empty"),
-    ([{"samples": torch.randn(4, 8)}], [conditioning()], "not a LATENT"),
-    ([{"samples": torch.randn(1, 4, 8, 8)}], [[]], "conditioning 1 is empty"),
-])
+@pytest.mark.parametrize(
+    "latents, conds, message",
+    [
+        ([{"samples": torch.zeros(2, 4, 8, 8)}], [conditioning()], "all zeros"),
+        ([{"samples": torch.full((1, 4, 8, 8), float("nan"))}], [conditioning()], "latent 1 contains NaN"),
+        ([{"samples": torch.randn(1, 4, 8, 8)}], [conditioning(float("nan"))], "conditioning 1 contains NaN"),
+        ([{"samples": torch.randn(3, 4, 8, 8)}], [conditioning(), conditioning()], "2 conditionings for 3"),
+        ([{"samples": torch.randn(0, 4, 8, 8)}], [conditioning()], "empty"),
+        ([{"samples": torch.randn(4, 8)}], [conditioning()], "not a LATENT"),
+        ([{"samples": torch.randn(1, 4, 8, 8)}], [[]], "conditioning 1 is empty"),
+    ],
+)
 def test_bad_inputs_name_the_problem(latents, conds, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build_training_set(latents, conds)

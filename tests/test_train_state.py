@@ -1,6 +1,7 @@
 """Each object gives and takes its own state: a SaRAAdamW (its handle, the sparse weights, the Adam
 moments) restored from ``state_dict()`` on a fresh injection continues bit-identically, across a
 progressive step and through the trainer's safetensors state file."""
+
 import pytest
 import torch
 from conftest import TinyNet
@@ -16,8 +17,15 @@ STEPS, PROGRESSIVE_AT = 6, 3
 def make_optimizer(seed: int = 0) -> tuple[TinyNet, sara_train.SaRAAdamW]:
     torch.manual_seed(seed)
     model = TinyNet()
-    optimizer = sara_train.SaRAAdamW(model, lr=5e-2, budget=0.3, rank_weight=1e-3, rank_layers_per_step=1,
-                                     progressive_at=PROGRESSIVE_AT, weight_decay=0.1)
+    optimizer = sara_train.SaRAAdamW(
+        model,
+        lr=5e-2,
+        budget=0.3,
+        rank_weight=1e-3,
+        rank_layers_per_step=1,
+        progressive_at=PROGRESSIVE_AT,
+        weight_decay=0.1,
+    )
     return model, optimizer
 
 
@@ -54,7 +62,9 @@ def test_resume_is_bit_exact(tmp_path, batch, stop_at: int) -> None:
     torch.testing.assert_close(resumed(batch[0]), first(batch[0]), rtol=0, atol=0)
     run_steps(resumed, resumed_optimizer, range(stop_at, STEPS), batch)
     assert_same_delta(resumed_optimizer.handle.delta(), expected)
-    assert resumed_optimizer.handle.num_trainable == optimizer.handle.num_trainable < 0.3 * optimizer.handle.num_targeted
+    assert (
+        resumed_optimizer.handle.num_trainable == optimizer.handle.num_trainable < 0.3 * optimizer.handle.num_targeted
+    )
 
 
 def test_the_sparse_weight_and_the_model_carry_their_state(batch) -> None:

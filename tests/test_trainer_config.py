@@ -1,4 +1,5 @@
 """TrainConfig from TOML and flags: flags override the file, bad options are named."""
+
 import argparse
 from pathlib import Path
 
@@ -15,8 +16,9 @@ def parse(*argv: str) -> TrainConfig:
 
 
 def test_flags_override_toml(tmp_path: Path) -> None:
-    (tmp_path / "run.toml").write_text('base = "b"\ndata = "d"\nlearning-rate = 3e-4\nsteps = 50\n'
-                                       'sample_prompts = ["a cat", "a dog"]\nflip = true\n')
+    (tmp_path / "run.toml").write_text(
+        'base = "b"\ndata = "d"\nlearning-rate = 3e-4\nsteps = 50\nsample_prompts = ["a cat", "a dog"]\nflip = true\n'
+    )
     config = parse("--config", str(tmp_path / "run.toml"), "--steps", "7", "--no-flip", "--include", "attn")
     assert (config.base, config.learning_rate, config.steps, config.flip) == ("b", 3e-4, 7, False)
     assert config.sample_prompts == ["a cat", "a dog"] and config.include == ["attn"]
@@ -31,26 +33,32 @@ def test_train_table_and_progressive_step(tmp_path: Path) -> None:
     assert TrainConfig(base="b", data="d", steps=10, progressive_fraction=0.0).progressive_at is None
 
 
-@pytest.mark.parametrize("text, message", [
-    ('stepz = 3', "unknown option 'stepz'"),
-    ('steps = "many"', "steps must be int"),
-    ('steps = [', "not valid TOML"),
-    ('include = [1]', "list of strings"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("stepz = 3", "unknown option 'stepz'"),
+        ('steps = "many"', "steps must be int"),
+        ("steps = [", "not valid TOML"),
+        ("include = [1]", "list of strings"),
+    ],
+)
 def test_bad_toml_is_named(tmp_path: Path, text: str, message: str) -> None:
     (tmp_path / "bad.toml").write_text(text)
     with pytest.raises(SaRAError, match=message):
         parse("--config", str(tmp_path / "bad.toml"))
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"base": ""}, "no base model"),
-    ({"resolution": 500}, "multiple of 8"),
-    ({"crop": "left"}, "--crop must be one of center, random"),
-    ({"budget": 0.1, "threshold": 1e-3}, "not both"),
-    ({"progressive_fraction": 1.0}, "progressive-fraction"),
-    ({"steps": 0}, "--steps must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"base": ""}, "no base model"),
+        ({"resolution": 500}, "multiple of 8"),
+        ({"crop": "left"}, "--crop must be one of center, random"),
+        ({"budget": 0.1, "threshold": 1e-3}, "not both"),
+        ({"progressive_fraction": 1.0}, "progressive-fraction"),
+        ({"steps": 0}, "--steps must be >= 1"),
+    ],
+)
 def test_validation_names_the_option(changes: dict, message: str) -> None:
     with pytest.raises(SaRAError, match=message):
         TrainConfig(**{"base": "b", "data": "d", **changes}).validate()

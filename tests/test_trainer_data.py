@@ -1,5 +1,6 @@
 """The training folder (``sara_train.trainer.data``) and the encoded-example cache
 (``sara_train.trainer.cache``), on real image files written by PIL and real (tiny) encoders."""
+
 from __future__ import annotations
 
 import json
@@ -35,12 +36,13 @@ def write_dataset(folder: Path, captions: dict[str, str], width: int = 24, heigh
 
 # -- scanning the folder ------------------------------------------------------------------------
 
+
 def test_caption_files_are_paired_by_stem_sorted_by_name_with_the_prefix(tmp_path: Path) -> None:
     for name in ("b.png", "a.JPG", "c.webp"):
         write_image(tmp_path / name)
         (tmp_path / name).with_suffix(".txt").write_text(f"  photo of {name[0]}\n")
-    write_image(tmp_path / "._a.png")                    # macOS resource fork: hidden, skipped
-    write_image(tmp_path / "sub" / "d.png")              # subfolders are not scanned
+    write_image(tmp_path / "._a.png")  # macOS resource fork: hidden, skipped
+    write_image(tmp_path / "sub" / "d.png")  # subfolders are not scanned
     (tmp_path / "notes.md").write_text("not an image")
     items = scan_dataset(tmp_path, caption_prefix="sks")
     assert [item.image_path.name for item in items] == ["a.JPG", "b.png", "c.webp"]
@@ -57,9 +59,16 @@ def test_a_custom_caption_extension_and_an_empty_caption(tmp_path: Path) -> None
     assert [item.caption for item in scan_dataset(tmp_path, "sks", ".caption")] == ["sks, a cat", "sks"]
 
 
-@pytest.mark.parametrize("prefix, caption, joined", [
-    ("sks", "a dog", "sks, a dog"), ("sks", "", "sks"), ("", "a dog", "a dog"), (" sks ", " a dog ", "sks, a dog"),
-    ("", "", "")])
+@pytest.mark.parametrize(
+    "prefix, caption, joined",
+    [
+        ("sks", "a dog", "sks, a dog"),
+        ("sks", "", "sks"),
+        ("", "a dog", "a dog"),
+        (" sks ", " a dog ", "sks, a dog"),
+        ("", "", ""),
+    ],
+)
 def test_with_prefix(prefix: str, caption: str, joined: str) -> None:
     assert with_prefix(prefix, caption) == joined
 
@@ -71,8 +80,10 @@ def test_metadata_jsonl_wins_over_caption_files_and_keeps_its_order(tmp_path: Pa
     lines = [{"file_name": "b.png", "text": "second letter"}, {"file_name": "sub/a.jpg", "caption": "first"}]
     (tmp_path / "metadata.jsonl").write_text(json.dumps(lines[0]) + "\n\n" + json.dumps(lines[1]) + "\n")
     items = scan_dataset(tmp_path, caption_prefix="sks")
-    assert items == [DatasetItem(tmp_path / "b.png", "sks, second letter"),
-                     DatasetItem(tmp_path / "sub" / "a.jpg", "sks, first")]
+    assert items == [
+        DatasetItem(tmp_path / "b.png", "sks, second letter"),
+        DatasetItem(tmp_path / "sub" / "a.jpg", "sks, first"),
+    ]
 
 
 def test_a_missing_folder_or_a_file_given_as_folder(tmp_path: Path) -> None:
@@ -89,8 +100,11 @@ def test_a_folder_without_images_says_what_it_holds(tmp_path: Path) -> None:
     (tmp_path / "readme.md").write_text("hi")
     (tmp_path / "photo.tiff").write_bytes(b"x")
     write_image(tmp_path / "nested" / "a.png")
-    with pytest.raises(SaRAError, match=rf"no training images .* in {tmp_path} .*3 other entries: "
-                                        r"nested/, photo.tiff, readme.md"):
+    with pytest.raises(
+        SaRAError,
+        match=rf"no training images .* in {tmp_path} .*3 other entries: "
+        r"nested/, photo.tiff, readme.md",
+    ):
         scan_dataset(tmp_path)
 
 
@@ -105,15 +119,23 @@ def test_images_without_captions_are_named_with_the_expected_file(tmp_path: Path
     assert "6 more images lack one too: img2.png, img3.png, img4.png, img5.png, img6.png and 1 more" in message
 
 
-@pytest.mark.parametrize("lines, message", [
-    (['{"file_name": "a.png", "text": "ok"}', '{"file_name": "a.png" "text"}'], r"metadata.jsonl line 2 is not valid JSON"),
-    (['{"file_name": "gone.png", "text": "x"}'], r"metadata.jsonl line 1 names .*gone.png, which does not exist"),
-    (['{"file_name": "a.png"}'], r'metadata.jsonl line 1 \(a.png\) has no "text" \(or "caption"\) string'),
-    (['["a.png", "x"]'], r'metadata.jsonl line 1 must be a JSON object with a "file_name" string'),
-    (['{"file_name": "a.png", "text": "x"}', '{"file_name": "a.png", "text": "y"}'],
-     r"metadata.jsonl line 2 lists .*a.png a second time"),
-    ([""], r"metadata.jsonl lists no images"),
-])
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (
+            ['{"file_name": "a.png", "text": "ok"}', '{"file_name": "a.png" "text"}'],
+            r"metadata.jsonl line 2 is not valid JSON",
+        ),
+        (['{"file_name": "gone.png", "text": "x"}'], r"metadata.jsonl line 1 names .*gone.png, which does not exist"),
+        (['{"file_name": "a.png"}'], r'metadata.jsonl line 1 \(a.png\) has no "text" \(or "caption"\) string'),
+        (['["a.png", "x"]'], r'metadata.jsonl line 1 must be a JSON object with a "file_name" string'),
+        (
+            ['{"file_name": "a.png", "text": "x"}', '{"file_name": "a.png", "text": "y"}'],
+            r"metadata.jsonl line 2 lists .*a.png a second time",
+        ),
+        ([""], r"metadata.jsonl lists no images"),
+    ],
+)
 def test_bad_metadata_jsonl_names_the_file_and_line(tmp_path: Path, lines: list[str], message: str) -> None:
     write_image(tmp_path / "a.png")
     (tmp_path / "metadata.jsonl").write_text("\n".join(lines))
@@ -123,6 +145,7 @@ def test_bad_metadata_jsonl_names_the_file_and_line(tmp_path: Path, lines: list[
 
 
 # -- reading images -----------------------------------------------------------------------------
+
 
 def test_unreadable_images_are_all_reported_together(tmp_path: Path) -> None:
     good = write_image(tmp_path / "good.png")
@@ -199,16 +222,21 @@ def test_flip_mirrors_the_same_crop(tmp_path: Path) -> None:
     assert mirrored.crop_top_left == (plain.crop_top_left[0], 27 - plain.crop_top_left[1] - 16)
 
 
-@pytest.mark.parametrize("resolution, crop, message", [
-    (20, "center", "resolution must be a positive multiple of 8 .* got 20"),
-    (0, "center", "resolution must be a positive multiple of 8"),
-    (16, "top", "crop must be one of center, random, got 'top'")])
+@pytest.mark.parametrize(
+    "resolution, crop, message",
+    [
+        (20, "center", "resolution must be a positive multiple of 8 .* got 20"),
+        (0, "center", "resolution must be a positive multiple of 8"),
+        (16, "top", "crop must be one of center, random, got 'top'"),
+    ],
+)
 def test_bad_image_options(tmp_path: Path, resolution: int, crop: str, message: str) -> None:
     with pytest.raises(SaRAError, match=message):
         load_image(write_image(tmp_path / "a.png"), resolution, crop)
 
 
 # -- the encoded-example cache ------------------------------------------------------------------
+
 
 class ImageEncoder:
     """A real (tiny) 'VAE': 8x8 average pooling, [B, 3, R, R] -> [B, 3, R/8, R/8]; records batches."""
@@ -249,8 +277,14 @@ def encode(items: list[DatasetItem], cache_dir: Path | None, fingerprint: str = 
     """``build_examples`` with fresh counting encoders: ``(examples, image encoder, prompt encoder)``."""
     images, prompts = ImageEncoder(), PromptEncoder()
     settings = {"resolution": 16, "crop": "center", "flip": False, "random_crop_variants": 1, "progress": False}
-    examples = build_examples(items, encode_images=images, encode_prompts=prompts, model_fingerprint=fingerprint,
-                              cache_dir=cache_dir, **(settings | options))
+    examples = build_examples(
+        items,
+        encode_images=images,
+        encode_prompts=prompts,
+        model_fingerprint=fingerprint,
+        cache_dir=cache_dir,
+        **(settings | options),
+    )
     return examples, images, prompts
 
 
@@ -287,7 +321,9 @@ def test_latents_are_the_encoded_center_crop(tmp_path: Path) -> None:
     [example], _, _ = encode(items, None)
     expected = torch.nn.functional.avg_pool2d(load_image(items[0].image_path, 16).pixels[None], 8)[0] * 0.5
     assert example.latents.shape == (3, 2, 2) and torch.equal(example.latents, expected)
-    assert example.time_ids is None and torch.equal(example.prompt.hidden_states, PromptEncoder()(["red"])[0].hidden_states)
+    assert example.time_ids is None and torch.equal(
+        example.prompt.hidden_states, PromptEncoder()(["red"])[0].hidden_states
+    )
 
 
 def test_encoders_run_in_batches_that_span_images(tmp_path: Path) -> None:
@@ -312,8 +348,9 @@ def test_a_changed_caption_or_image_re_encodes_only_that_image(tmp_path: Path) -
     assert torch.equal(changed[0].latents, first[0].latents)
 
 
-@pytest.mark.parametrize("change", [{"fingerprint": "model-b"}, {"resolution": 24}, {"flip": True},
-                                    {"crop": "random"}])
+@pytest.mark.parametrize(
+    "change", [{"fingerprint": "model-b"}, {"resolution": 24}, {"flip": True}, {"crop": "random"}]
+)
 def test_a_changed_model_or_view_option_re_encodes_everything(tmp_path: Path, change: dict) -> None:
     items = write_dataset(tmp_path / "data", {"a": "red", "b": "green"})
     encode(items, tmp_path / "cache")
@@ -323,20 +360,23 @@ def test_a_changed_model_or_view_option_re_encodes_everything(tmp_path: Path, ch
 
 def test_random_crops_are_fixed_per_seed_and_cached(tmp_path: Path) -> None:
     items = write_dataset(tmp_path / "data", {"a": "red", "b": "green"}, width=64, height=32)
-    first, images, _ = encode(items, tmp_path / "cache", crop="random", random_crop_variants=3, flip=True,
-                              with_time_ids=True)
+    first, images, _ = encode(
+        items, tmp_path / "cache", crop="random", random_crop_variants=3, flip=True, with_time_ids=True
+    )
     assert len(first) == 12 and images.views == 12
     corners = [tuple(example.time_ids[2:4].tolist()) for example in first[:6]]
     assert len(set(corners[0::2])) > 1  # three crops, not all the same
     for plain, mirrored in zip(first[0::2], first[1::2]):
         assert torch.allclose(mirrored.latents, plain.latents.flip(-1))  # pooling sums in another order
         assert mirrored.time_ids[3] == 32 - plain.time_ids[3] - 16
-    again, images, _ = encode(items, tmp_path / "cache", crop="random", random_crop_variants=3, flip=True,
-                              with_time_ids=True)
+    again, images, _ = encode(
+        items, tmp_path / "cache", crop="random", random_crop_variants=3, flip=True, with_time_ids=True
+    )
     assert images.views == 0
     assert_identical(first, again)
-    other_seed, images, _ = encode(items, tmp_path / "cache", crop="random", random_crop_variants=3, flip=True,
-                                   with_time_ids=True, seed=1)
+    other_seed, images, _ = encode(
+        items, tmp_path / "cache", crop="random", random_crop_variants=3, flip=True, with_time_ids=True, seed=1
+    )
     assert images.views == 12
     assert [e.time_ids.tolist() for e in other_seed] != [e.time_ids.tolist() for e in first]
 
@@ -373,17 +413,30 @@ def test_bad_images_fail_before_anything_is_encoded(tmp_path: Path) -> None:
     items[2].image_path.write_bytes(items[2].image_path.read_bytes()[:100])
     images, prompts = ImageEncoder(), PromptEncoder()
     with pytest.raises(SaRAError, match="2 of 2 training images cannot be read") as error:
-        build_examples(items[:1] + items[2:], resolution=16, crop="center", flip=False, random_crop_variants=1,
-                       encode_images=images, encode_prompts=prompts, model_fingerprint="m", cache_dir=None,
-                       progress=False)
+        build_examples(
+            items[:1] + items[2:],
+            resolution=16,
+            crop="center",
+            flip=False,
+            random_crop_variants=1,
+            encode_images=images,
+            encode_prompts=prompts,
+            model_fingerprint="m",
+            cache_dir=None,
+            progress=False,
+        )
     assert "a.png" in str(error.value) and "c.png" in str(error.value)
     assert images.batches == [] and prompts.calls == []
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"random_crop_variants": 0, "crop": "random"}, "random_crop_variants must be at least 1"),
-    ({"resolution": 12}, "resolution must be a positive multiple of 8"),
-    ({"batch_size": 0}, "batch_size must be at least 1")])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"random_crop_variants": 0, "crop": "random"}, "random_crop_variants must be at least 1"),
+        ({"resolution": 12}, "resolution must be a positive multiple of 8"),
+        ({"batch_size": 0}, "batch_size must be at least 1"),
+    ],
+)
 def test_bad_build_options(tmp_path: Path, options: dict, message: str) -> None:
     items = write_dataset(tmp_path / "data", {"a": "red"})
     with pytest.raises(SaRAError, match=message):
@@ -393,6 +446,15 @@ def test_bad_build_options(tmp_path: Path, options: dict, message: str) -> None:
 def test_an_encoder_returning_the_wrong_batch_is_named(tmp_path: Path) -> None:
     items = write_dataset(tmp_path / "data", {"a": "red", "b": "green"})
     with pytest.raises(SaRAError, match=r"encode_images returned \(1, 3, 2, 2\) for a batch of 2 images"):
-        build_examples(items, resolution=16, crop="center", flip=False, random_crop_variants=1,
-                       encode_images=lambda pixels: torch.nn.functional.avg_pool2d(pixels[:1], 8),
-                       encode_prompts=PromptEncoder(), model_fingerprint="m", cache_dir=None, progress=False)
+        build_examples(
+            items,
+            resolution=16,
+            crop="center",
+            flip=False,
+            random_crop_variants=1,
+            encode_images=lambda pixels: torch.nn.functional.avg_pool2d(pixels[:1], 8),
+            encode_prompts=PromptEncoder(),
+            model_fingerprint="m",
+            cache_dir=None,
+            progress=False,
+        )

@@ -1,4 +1,5 @@
 """The trainer loop on a real tiny diffusers UNet: it learns, logs, saves, and resumes bit-exactly."""
+
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,9 +24,19 @@ def make_examples(count: int = 6) -> list[TrainingExample]:
 
 
 def make_config(tmp_path: Path, **overrides) -> LoopConfig:
-    settings = dict(output_dir=str(tmp_path / "run"), steps=8, batch_size=2,
-                    grad_accumulation=2, learning_rate=3e-3, budget=0.2, rank_weight=1e-3, warmup_steps=2,
-                    lr_schedule="cosine", log_every=3, seed=5)
+    settings = {
+        "output_dir": str(tmp_path / "run"),
+        "steps": 8,
+        "batch_size": 2,
+        "grad_accumulation": 2,
+        "learning_rate": 3e-3,
+        "budget": 0.2,
+        "rank_weight": 1e-3,
+        "warmup_steps": 2,
+        "lr_schedule": "cosine",
+        "log_every": 3,
+        "seed": 5,
+    }
     return LoopConfig(**{**settings, **overrides})
 
 
@@ -74,8 +85,17 @@ def test_run_writes_delta_logs_and_samples(tmp_path: Path) -> None:
 
 
 def test_loss_goes_down(tmp_path: Path) -> None:
-    config = make_config(tmp_path, steps=40, grad_accumulation=1, batch_size=6, learning_rate=1e-2, warmup_steps=0,
-                         lr_schedule="constant", rank_weight=0.0, progressive_fraction=0.0)
+    config = make_config(
+        tmp_path,
+        steps=40,
+        grad_accumulation=1,
+        batch_size=6,
+        learning_rate=1e-2,
+        warmup_steps=0,
+        lr_schedule="constant",
+        rank_weight=0.0,
+        progressive_fraction=0.0,
+    )
     result, _ = train(config)
     losses = [row.loss for row in result.losses]
     assert sum(losses[-10:]) / 10 < 0.9 * sum(losses[:10]) / 10
@@ -100,7 +120,9 @@ def uninterrupted(tmp_path_factory):
     return result
 
 
-@pytest.mark.parametrize("interrupt_call", [6, 9, 11])  # 2 micro-batches per step: mid-step 3 (first micro-batch), after step 4, mid-step 6 (second)
+@pytest.mark.parametrize(
+    "interrupt_call", [6, 9, 11]
+)  # 2 micro-batches per step: mid-step 3 (first micro-batch), after step 4, mid-step 6 (second)
 def test_ctrl_c_then_resume_is_bit_identical(tmp_path: Path, uninterrupted, interrupt_call: int) -> None:
     config = make_config(tmp_path, progressive_fraction=0.5)
     expected = uninterrupted

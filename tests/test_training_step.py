@@ -1,6 +1,8 @@
 """A SaRA step is a dense step with the gradient masked to the selected entries; unselected
 entries never change; checkpointing, autocast, accumulation, clipping and dtypes work."""
+
 import copy
+import functools
 
 import pytest
 import torch
@@ -19,7 +21,7 @@ def masked_dense_reference(model: nn.Module, selected: dict[str, torch.Tensor]) 
         if name in selected:
             mask = torch.zeros(param.numel(), dtype=torch.bool)
             mask[selected[name].long()] = True
-            param.register_hook(lambda grad, mask=mask.view_as(param): grad * mask)
+            param.register_hook(functools.partial(torch.mul, other=mask.view_as(param)))
             params.append(param)
     return params
 
@@ -33,10 +35,13 @@ def selected_indices(handle: sara_train.SaRAHandle) -> dict[str, torch.Tensor]:
     return {name: update.flat_indices.clone() for name, update in handle.layers.items()}
 
 
-@pytest.mark.parametrize("optimizer_cls, kwargs", [
-    (torch.optim.Adam, {"lr": 1e-2}),
-    (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
-])
+@pytest.mark.parametrize(
+    "optimizer_cls, kwargs",
+    [
+        (torch.optim.Adam, {"lr": 1e-2}),
+        (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+    ],
+)
 def test_sara_step_equals_masked_dense_step(tiny_net: TinyNet, batch, optimizer_cls, kwargs) -> None:
     reference = copy.deepcopy(tiny_net)
     handle = sara_train.inject(tiny_net, sara_train.SaRAConfig(budget=0.1))
@@ -108,8 +113,9 @@ class CheckpointedNet(TinyNet):
         return self.head(h)
 
 
-def train_values(model: nn.Module, batch, steps: int = 3, micro_batches: int = 1, clip: float | None = None,
-                 autocast: bool = False) -> dict[str, torch.Tensor]:
+def train_values(
+    model: nn.Module, batch, steps: int = 3, micro_batches: int = 1, clip: float | None = None, autocast: bool = False
+) -> dict[str, torch.Tensor]:
     handle = sara_train.inject(model, sara_train.SaRAConfig(budget=0.15))
     optimizer = torch.optim.Adam(handle.parameters(), lr=1e-2)
     x, y = batch

@@ -1,5 +1,6 @@
 """Helpers for the ``sara-train train`` tests: a generated image folder, the CLI arguments of a tiny
 run, the CLI as a real process or in this process, and signals injected at chosen points."""
+
 from __future__ import annotations
 
 import contextlib
@@ -34,17 +35,44 @@ def train_args(base: Path, data: Path, out: Path, *extra: str) -> list[str]:
     """A 6-step run at 32 px of a tiny pipeline (budget 0.1 unless ``extra`` has a --threshold),
     caching beside ``out``; ``extra`` flags override."""
     selection = [] if "--threshold" in extra else ["--budget", "0.1"]
-    return ["train", "--base", str(base), "--data", str(data), "--output-dir", str(out), "--resolution", "32",
-            "--steps", "6", "--batch-size", "2", "--learning-rate", "1e-3", *selection,
-            "--cache-dir", str(out.parent / "cache"), "--device", "cpu", *extra]
+    return [
+        "train",
+        "--base",
+        str(base),
+        "--data",
+        str(data),
+        "--output-dir",
+        str(out),
+        "--resolution",
+        "32",
+        "--steps",
+        "6",
+        "--batch-size",
+        "2",
+        "--learning-rate",
+        "1e-3",
+        *selection,
+        "--cache-dir",
+        str(out.parent / "cache"),
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
-def sara_train_cli(*args: str, env: dict | None = None, launcher: list[str] | None = None,
-                   timeout: int = 300) -> subprocess.CompletedProcess:
+def sara_train_cli(
+    *args: str, env: dict | None = None, launcher: list[str] | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
     """``python -m sara_train ARGS`` as a real process."""
     command = (launcher or [sys.executable]) + ["-m", "sara_train", *args]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+    return subprocess.run(
+        command,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+    )
 
 
 def read_delta(path: Path) -> SparseDelta:
@@ -78,6 +106,7 @@ def signal_on_call(function: Callable, calls: dict[int, int]) -> Callable:
 def stray_signals_fail_the_test() -> Iterator[None]:
     """While inside, SIGINT/SIGTERM that nobody else handles raise AssertionError instead of
     ending the test session."""
+
     def escaped(number, frame):
         raise AssertionError(f"{signal.Signals(number).name} reached the test: the code under test did not handle it")
 

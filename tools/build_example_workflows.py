@@ -4,6 +4,7 @@ template browser and "Load" expect.
 
     .venv/bin/python -m tools.build_example_workflows   # needs chromium (make test installs it)
 """
+
 from __future__ import annotations
 
 import json
@@ -21,16 +22,34 @@ def sampling_nodes(model: list, x: int) -> tuple[dict, list]:
     """KSampler -> VAEDecode -> SaveImage after ``model``; returns (nodes, links)."""
     nodes = {
         "empty": {"type": "EmptyLatentImage", "pos": [x, 560], "widgets": {"width": 512, "height": 512}},
-        "sampler": {"type": "KSampler", "pos": [x + 320, 80],
-                    "widgets": {"seed": 42, "control_after_generate": "fixed", "steps": 25, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal"}},
+        "sampler": {
+            "type": "KSampler",
+            "pos": [x + 320, 80],
+            "widgets": {
+                "seed": 42,
+                "control_after_generate": "fixed",
+                "steps": 25,
+                "cfg": 7.0,
+                "sampler_name": "euler",
+                "scheduler": "normal",
+            },
+        },
         "decode": {"type": "VAEDecode", "pos": [x + 660, 80]},
-        "save_image": {"type": "SaveImage", "pos": [x + 660, 200], "size": [400, 440],
-                       "widgets": {"filename_prefix": "sara"}},
+        "save_image": {
+            "type": "SaveImage",
+            "pos": [x + 660, 200],
+            "size": [400, 440],
+            "widgets": {"filename_prefix": "sara"},
+        },
     }
     links = [
-        [model[0], model[1], "sampler", "model"], ["positive", 0, "sampler", "positive"],
-        ["negative", 0, "sampler", "negative"], ["empty", 0, "sampler", "latent_image"],
-        ["sampler", 0, "decode", "samples"], ["checkpoint", 2, "decode", "vae"], ["decode", 0, "save_image", "images"],
+        [model[0], model[1], "sampler", "model"],
+        ["positive", 0, "sampler", "positive"],
+        ["negative", 0, "sampler", "negative"],
+        ["empty", 0, "sampler", "latent_image"],
+        ["sampler", 0, "decode", "samples"],
+        ["checkpoint", 2, "decode", "vae"],
+        ["decode", 0, "save_image", "images"],
     ]
     return nodes, links
 
@@ -38,10 +57,18 @@ def sampling_nodes(model: list, x: int) -> tuple[dict, list]:
 def text_nodes() -> tuple[dict, list]:
     nodes = {
         "checkpoint": {"type": "CheckpointLoaderSimple", "pos": [20, 80], "widgets": {"ckpt_name": CHECKPOINT}},
-        "positive": {"type": "CLIPTextEncode", "pos": [380, 80], "title": "Prompt (training and sampling)",
-                     "widgets": {"text": PROMPT}},
-        "negative": {"type": "CLIPTextEncode", "pos": [380, 330], "title": "Negative prompt",
-                     "widgets": {"text": "blurry, low quality"}},
+        "positive": {
+            "type": "CLIPTextEncode",
+            "pos": [380, 80],
+            "title": "Prompt (training and sampling)",
+            "widgets": {"text": PROMPT},
+        },
+        "negative": {
+            "type": "CLIPTextEncode",
+            "pos": [380, 330],
+            "title": "Negative prompt",
+            "widgets": {"text": "blurry, low quality"},
+        },
     }
     links = [["checkpoint", 1, "positive", "clip"], ["checkpoint", 1, "negative", "clip"]]
     return nodes, links
@@ -49,21 +76,38 @@ def text_nodes() -> tuple[dict, list]:
 
 def train_and_sample() -> dict:
     nodes, links = text_nodes()
-    nodes.update({
-        "image_1": {"type": "LoadImage", "pos": [20, 300], "widgets": {"image": "sara_train_1.png"}},
-        "image_2": {"type": "LoadImage", "pos": [20, 700], "widgets": {"image": "sara_train_2.png"}},
-        "encode_1": {"type": "VAEEncode", "pos": [380, 580]},
-        "encode_2": {"type": "VAEEncode", "pos": [380, 700]},
-        "batch": {"type": "LatentBatch", "pos": [600, 640]},
-        "train": {"type": "SaRATrain", "pos": [840, 80], "size": [380, 600],
-                  "widgets": {"steps": 300, "learning_rate": 1e-4, "control_after_generate": "fixed", "save_every": 100, "save_prefix": "my_sara"}},
-        "save_delta": {"type": "SaRASave", "pos": [1260, 700], "widgets": {"filename_prefix": "my_sara_delta"}},
-    })
+    nodes.update(
+        {
+            "image_1": {"type": "LoadImage", "pos": [20, 300], "widgets": {"image": "sara_train_1.png"}},
+            "image_2": {"type": "LoadImage", "pos": [20, 700], "widgets": {"image": "sara_train_2.png"}},
+            "encode_1": {"type": "VAEEncode", "pos": [380, 580]},
+            "encode_2": {"type": "VAEEncode", "pos": [380, 700]},
+            "batch": {"type": "LatentBatch", "pos": [600, 640]},
+            "train": {
+                "type": "SaRATrain",
+                "pos": [840, 80],
+                "size": [380, 600],
+                "widgets": {
+                    "steps": 300,
+                    "learning_rate": 1e-4,
+                    "control_after_generate": "fixed",
+                    "save_every": 100,
+                    "save_prefix": "my_sara",
+                },
+            },
+            "save_delta": {"type": "SaRASave", "pos": [1260, 700], "widgets": {"filename_prefix": "my_sara_delta"}},
+        }
+    )
     links += [
-        ["image_1", 0, "encode_1", "pixels"], ["checkpoint", 2, "encode_1", "vae"],
-        ["image_2", 0, "encode_2", "pixels"], ["checkpoint", 2, "encode_2", "vae"],
-        ["encode_1", 0, "batch", "samples1"], ["encode_2", 0, "batch", "samples2"],
-        ["checkpoint", 0, "train", "model"], ["batch", 0, "train", "latents"], ["positive", 0, "train", "positive"],
+        ["image_1", 0, "encode_1", "pixels"],
+        ["checkpoint", 2, "encode_1", "vae"],
+        ["image_2", 0, "encode_2", "pixels"],
+        ["checkpoint", 2, "encode_2", "vae"],
+        ["encode_1", 0, "batch", "samples1"],
+        ["encode_2", 0, "batch", "samples2"],
+        ["checkpoint", 0, "train", "model"],
+        ["batch", 0, "train", "latents"],
+        ["positive", 0, "train", "positive"],
         ["train", 1, "save_delta", "delta"],
     ]
     sample_nodes, sample_links = sampling_nodes(["train", 0], 1260)
@@ -74,8 +118,11 @@ def train_and_sample() -> dict:
 
 def load_and_sample() -> dict:
     nodes, links = text_nodes()
-    nodes["sara_load"] = {"type": "SaRALoader", "pos": [20, 330], "widgets": {"delta_name": "my_sara_delta_00001_.safetensors",
-                                                                              "strength": 1.0}}
+    nodes["sara_load"] = {
+        "type": "SaRALoader",
+        "pos": [20, 330],
+        "widgets": {"delta_name": "my_sara_delta_00001_.safetensors", "strength": 1.0},
+    }
     links.append(["checkpoint", 0, "sara_load", "model"])
     sample_nodes, sample_links = sampling_nodes(["sara_load", 0], 700)
     nodes.update(sample_nodes)

@@ -4,6 +4,7 @@
 from a compact spec through LiteGraph (as a user would), ``load``/``set_widgets`` edit workflows,
 ``to_api_prompt`` converts the open graph with the front end's own ``graphToPrompt``.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,19 +63,26 @@ class ComfyUIPage:
 
     def __enter__(self) -> ComfyUIPage:
         for setting, value in {"Comfy.TutorialCompleted": True, "Comfy.Graph.CanvasInfo": False}.items():
-            request = urllib.request.Request(f"{self.server.url}/settings/{setting}", json.dumps(value).encode(),
-                                             {"Content-Type": "application/json"}, method="POST")
+            request = urllib.request.Request(
+                f"{self.server.url}/settings/{setting}",
+                json.dumps(value).encode(),
+                {"Content-Type": "application/json"},
+                method="POST",
+            )
             urllib.request.urlopen(request, timeout=30).close()
         self._playwright = sync_playwright().start()
         executable = shutil.which("chromium") or shutil.which("chromium-browser")
         if executable is None:
             raise RuntimeError("Chromium is not installed (make test installs Debian's chromium package)")
         self._browser = self._playwright.chromium.launch(
-            executable_path=executable, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+            executable_path=executable, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+        )
         self.page = self._browser.new_page(viewport=self.size)
         self.page.on("pageerror", lambda error: self.errors.append(str(error)))
         self.page.goto(self.server.url)
-        self.page.wait_for_function("window.app && window.app.graph && window.LiteGraph && app.canvas", timeout=120_000)
+        self.page.wait_for_function(
+            "window.app && window.app.graph && window.LiteGraph && app.canvas", timeout=120_000
+        )
         self.page.keyboard.press("Escape")
         return self
 

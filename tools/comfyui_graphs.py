@@ -5,6 +5,7 @@
 SaRA Train. Saved files follow the nodes' numbering (``<prefix>_<NNNNN>_.safetensors``);
 ``saved_delta`` finds the newest one for a prefix.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,10 +17,22 @@ def sara_train_inputs(**overrides) -> dict:
     """Every widget input of SaRA Train at the values the tests and benchmarks start from (fp32 for
     exact comparisons, 2 images a step), updated with ``overrides``; the caller links ``model``,
     ``latents`` and ``positive``."""
-    inputs = {"steps": 30, "batch_size": 2, "grad_accumulation": 1, "learning_rate": 1e-2, "budget": 0.05,
-              "threshold": 0.0, "rank_loss_weight": 1e-4, "progressive_fraction": 0.5, "seed": 7,
-              "training_dtype": "fp32", "gradient_checkpointing": True, "save_every": 0, "save_prefix": "run",
-              "existing_delta": "[None]"}
+    inputs = {
+        "steps": 30,
+        "batch_size": 2,
+        "grad_accumulation": 1,
+        "learning_rate": 1e-2,
+        "budget": 0.05,
+        "threshold": 0.0,
+        "rank_loss_weight": 1e-4,
+        "progressive_fraction": 0.5,
+        "seed": 7,
+        "training_dtype": "fp32",
+        "gradient_checkpointing": True,
+        "save_every": 0,
+        "save_prefix": "run",
+        "existing_delta": "[None]",
+    }
     inputs.update(overrides)
     return inputs
 
@@ -37,18 +50,29 @@ def train_graph(steps: int = 30, learning_rate: float = 1e-2, images: int = 2, *
         if latents is None:
             latents = [f"enc{i}", 0]
         else:
-            graph[f"batch{i}"] = {"class_type": "LatentBatch", "inputs": {"samples1": latents, "samples2": [f"enc{i}", 0]}}
+            graph[f"batch{i}"] = {
+                "class_type": "LatentBatch",
+                "inputs": {"samples1": latents, "samples2": [f"enc{i}", 0]},
+            }
             latents = [f"batch{i}", 0]
-    graph["train"] = {"class_type": "SaRATrain", "inputs": {
-        "model": ["ckpt", 0], "latents": latents, "positive": ["pos", 0],
-        **sara_train_inputs(steps=steps, learning_rate=learning_rate, **options)}}
+    graph["train"] = {
+        "class_type": "SaRATrain",
+        "inputs": {
+            "model": ["ckpt", 0],
+            "latents": latents,
+            "positive": ["pos", 0],
+            **sara_train_inputs(steps=steps, learning_rate=learning_rate, **options),
+        },
+    }
     return graph
 
 
 def with_save(graph: dict, prefix: str, values_dtype: str = "fp32") -> dict:
     """``graph`` plus SaRA Save of the Train node's delta as ``models/sara/<prefix>_NNNNN_.safetensors``."""
-    graph["save"] = {"class_type": "SaRASave", "inputs": {"delta": ["train", 1], "filename_prefix": prefix,
-                                                          "values_dtype": values_dtype}}
+    graph["save"] = {
+        "class_type": "SaRASave",
+        "inputs": {"delta": ["train", 1], "filename_prefix": prefix, "values_dtype": values_dtype},
+    }
     return graph
 
 

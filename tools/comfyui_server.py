@@ -1,6 +1,7 @@
 """A real ComfyUI server for the node tests: started headless on 127.0.0.1 with this pack in
 ``custom_nodes/``, driven over HTTP. ``COMFYUI_DIR`` names the ComfyUI checkout (``make test``
 fetches one into ``.cache/comfyui``)."""
+
 from __future__ import annotations
 
 import json
@@ -39,15 +40,37 @@ with torch.no_grad():  # comfy.ops skips weight init: give the random model real
 save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, sys.argv[2])
 """
 TINY_UNETS = {
-    "sd15": dict(num_res_blocks=[1], channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1],
-                 transformer_depth_middle=-1, context_dim=768, use_linear_in_transformer=False),
-    "sd2": dict(num_res_blocks=[1], channel_mult=[1], transformer_depth=[1], transformer_depth_output=[1, 1],
-                transformer_depth_middle=-1, context_dim=1024, use_linear_in_transformer=True),
+    "sd15": {
+        "num_res_blocks": [1],
+        "channel_mult": [1],
+        "transformer_depth": [1],
+        "transformer_depth_output": [1, 1],
+        "transformer_depth_middle": -1,
+        "context_dim": 768,
+        "use_linear_in_transformer": False,
+    },
+    "sd2": {
+        "num_res_blocks": [1],
+        "channel_mult": [1],
+        "transformer_depth": [1],
+        "transformer_depth_output": [1, 1],
+        "transformer_depth_middle": -1,
+        "context_dim": 1024,
+        "use_linear_in_transformer": True,
+    },
     # ComfyUI matches SDXL-family UNets by their transformer depths; KOALA-700M's ([0, 2, 5]) is the
     # smallest, here at 320 channels on every level, with SDXL's pooled/size conditioning (label_emb).
-    "sdxl": dict(num_res_blocks=[1, 1, 1], channel_mult=[1, 1, 1], transformer_depth=[0, 2, 5],
-                 transformer_depth_output=[0] * 6, transformer_depth_middle=-1, context_dim=2048,
-                 use_linear_in_transformer=True, adm_in_channels=2816, num_classes="sequential"),
+    "sdxl": {
+        "num_res_blocks": [1, 1, 1],
+        "channel_mult": [1, 1, 1],
+        "transformer_depth": [0, 2, 5],
+        "transformer_depth_output": [0] * 6,
+        "transformer_depth_middle": -1,
+        "context_dim": 2048,
+        "use_linear_in_transformer": True,
+        "adm_in_channels": 2816,
+        "num_classes": "sequential",
+    },
 }
 """UNetModel options of the tiny UNets ComfyUI detects as SD1.5 (~21M parameters), SD2 and the
 SDXL family (KOALA-700M)."""
@@ -87,16 +110,20 @@ def comfyui_dir() -> Path:
 def write_tiny_unet(path: Path, family: str = "sd15") -> Path:
     """A small random UNet in ComfyUI's own layout that ComfyUI detects as ``family`` (``TINY_UNETS``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-c", TINY_UNET, str(comfyui_dir()), str(path), json.dumps(TINY_UNETS[family])],
-                   check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-c", TINY_UNET, str(comfyui_dir()), str(path), json.dumps(TINY_UNETS[family])],
+        check=True,
+        timeout=300,
+    )
     return path
 
 
 def write_tiny_sd15_checkpoint(unet: Path, path: Path) -> Path:
     """A full SD1.5-style checkpoint: ``unet`` (fp32) + random CLIP-L and SD VAE (fp16)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-c", TINY_SD15_CHECKPOINT, str(comfyui_dir()), str(unet), str(path)],
-                   check=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "-c", TINY_SD15_CHECKPOINT, str(comfyui_dir()), str(unet), str(path)], check=True, timeout=600
+    )
     return path
 
 
@@ -117,9 +144,25 @@ class ComfyUIServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = (base / "server.log").open("w")
         self.process = subprocess.Popen(
-            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--base-directory", str(base), "--disable-auto-launch", "--database-url", "sqlite:///:memory:"],
-            cwd=comfyui_dir(), stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+            [
+                sys.executable,
+                "main.py",
+                "--cpu",
+                "--listen",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--base-directory",
+                str(base),
+                "--disable-auto-launch",
+                "--database-url",
+                "sqlite:///:memory:",
+            ],
+            cwd=comfyui_dir(),
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -193,8 +236,13 @@ def make_delta(base: dict[str, torch.Tensor], seed: int, budget: float) -> sara_
     layers = {}
     for key, flat in indices.items():
         probe = probe_positions(weights[key].flatten(), flat, 4)
-        layers[key] = LayerDelta(tuple(weights[key].shape), flat, torch.randn(flat.numel(), generator=generator) * 0.01,
-                                 probe, weights[key].flatten()[probe.long()].float())
+        layers[key] = LayerDelta(
+            tuple(weights[key].shape),
+            flat,
+            torch.randn(flat.numel(), generator=generator) * 0.01,
+            probe,
+            weights[key].flatten()[probe.long()].float(),
+        )
     return sara_train.SparseDelta(layers)
 
 

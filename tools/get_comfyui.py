@@ -8,6 +8,7 @@ it). Its requirements are installed except torch/torchvision/torchaudio (install
 Makefile), kornia and spandrel (optional nodes that would pull in another torch). Set
 ``COMFYUI_DIR`` to use your own ComfyUI instead.
 """
+
 from __future__ import annotations
 
 import re

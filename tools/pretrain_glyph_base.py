@@ -18,6 +18,7 @@ weights up to the last bits (cuDNN is set deterministic; embedding gradients on 
 adds). With ``--check-dir`` it also samples every pretraining (font, character) pair, prints the
 character accuracy per font and writes the grids there.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--log-every", type=int, default=500)
-    parser.add_argument("--check-dir", type=Path, default=None,
-                        help="sample every pretraining glyph after training; write grids and accuracies here")
+    parser.add_argument(
+        "--check-dir",
+        type=Path,
+        default=None,
+        help="sample every pretraining glyph after training; write grids and accuracies here",
+    )
     return parser.parse_args(argv)
 
 
@@ -58,8 +63,9 @@ def pretraining_data(device: torch.device) -> tuple[torch.Tensor, list[list[str]
     """Glyphs [F*62, 1, 32, 32] (font-major) and, per glyph, its three captions:
     [full, style-less, empty]."""
     glyphs = torch.cat([render_font(font) for font in PRETRAINING_FONTS]).to(device)
-    captions = [[glyph_prompt(char, font.style), glyph_prompt(char), ""]
-                for font in PRETRAINING_FONTS for char in CHARACTERS]
+    captions = [
+        [glyph_prompt(char, font.style), glyph_prompt(char), ""] for font in PRETRAINING_FONTS for char in CHARACTERS
+    ]
     return glyphs, captions
 
 
@@ -81,10 +87,11 @@ def train(model: GlyphModel, args: argparse.Namespace) -> list[float]:
     glyphs, captions = pretraining_data(device)
     # Every caption encoded once per step as token ids: [num_glyphs, 3, L].
     token_ids = torch.stack([model.text_encoder.tokenizer.encode(variants) for variants in captions]).to(device)
-    caption_choice = torch.tensor([1.0 - STYLE_LESS_FRACTION - EMPTY_FRACTION, STYLE_LESS_FRACTION, EMPTY_FRACTION],
-                                  device=device)
+    caption_choice = torch.tensor(
+        [1.0 - STYLE_LESS_FRACTION - EMPTY_FRACTION, STYLE_LESS_FRACTION, EMPTY_FRACTION], device=device
+    )
     modules = torch.nn.ModuleList([model.unet, model.text_encoder]).to(device).train()
-    parameters = [p for p in modules.parameters()]
+    parameters = list(modules.parameters())
     initial = [p.detach().clone() for p in parameters]
     ema = [p.detach().clone() for p in parameters]
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=0.01)
@@ -113,9 +120,12 @@ def train(model: GlyphModel, args: argparse.Namespace) -> list[float]:
             torch._foreach_lerp_(ema, [p.detach() for p in parameters], 1 - args.ema_decay)
         if step % args.log_every == 0 or step == args.steps - 1:
             losses.append(loss.item())
-            print(f"step {step:6d}  loss {losses[-1]:.4f}  lr {learning_rate(step, args):.2e}  "
-                  f"{time.time() - started:7.1f}s", flush=True)
-    remaining_initial = args.ema_decay ** args.steps
+            print(
+                f"step {step:6d}  loss {losses[-1]:.4f}  lr {learning_rate(step, args):.2e}  "
+                f"{time.time() - started:7.1f}s",
+                flush=True,
+            )
+    remaining_initial = args.ema_decay**args.steps
     with torch.no_grad():
         for param, average, start in zip(parameters, ema, initial):
             param.copy_((average - remaining_initial * start) / (1 - remaining_initial))
@@ -136,7 +146,8 @@ def check(model: GlyphModel, folder: Path, seed: int) -> dict[str, float]:
         labels += [f"{font.style} (font)", f"{font.style} (generated)"]
     for part, columns in (("lower", slice(0, 26)), ("upper_digits", slice(26, 62))):
         glyph_grid([row[columns] for row in rows], labels, list(CHARACTERS[columns]), scale=2).save(
-            folder / f"base_{part}.png")
+            folder / f"base_{part}.png"
+        )
     return accuracies
 
 
@@ -150,12 +161,22 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     losses = train(model, args)
     seconds = time.time() - started
-    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else platform.processor() or "cpu"
+    device_name = (
+        torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else platform.processor() or "cpu"
+    )
     model.provenance = {
-        "script": "tools/pretrain_glyph_base.py", "argv": sys.argv[1:], "steps": args.steps,
-        "batch_size": args.batch_size, "lr": args.lr, "ema_decay": args.ema_decay, "seed": args.seed,
-        "device": device_name, "torch": torch.__version__, "train_seconds": round(seconds),
-        "final_loss": round(losses[-1], 5), "fonts": {font.file_name: font.style for font in PRETRAINING_FONTS},
+        "script": "tools/pretrain_glyph_base.py",
+        "argv": sys.argv[1:],
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "ema_decay": args.ema_decay,
+        "seed": args.seed,
+        "device": device_name,
+        "torch": torch.__version__,
+        "train_seconds": round(seconds),
+        "final_loss": round(losses[-1], 5),
+        "fonts": {font.file_name: font.style for font in PRETRAINING_FONTS},
     }
     print(f"trained {args.steps} steps in {seconds:.0f}s on {device_name}", flush=True)
     if args.check_dir is not None:

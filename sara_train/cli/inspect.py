@@ -1,4 +1,5 @@
 """``sara-train inspect``: what a delta holds, as text or JSON."""
+
 from __future__ import annotations
 
 import argparse
@@ -42,9 +43,17 @@ def delta_report(path: Path, delta: SparseDelta) -> dict:
     summary = delta.summary()
     return {
         "file": str(path),
-        "layers": [{"key": key, "shape": list(shape), "entries": entries, "fraction": fraction, "bytes": nbytes,
-                    "dtype": str(delta.layers[key].values.dtype).removeprefix("torch.")}
-                   for key, shape, entries, fraction, nbytes in summary.layers],
+        "layers": [
+            {
+                "key": key,
+                "shape": list(shape),
+                "entries": entries,
+                "fraction": fraction,
+                "bytes": nbytes,
+                "dtype": str(delta.layers[key].values.dtype).removeprefix("torch."),
+            }
+            for key, shape, entries, fraction, nbytes in summary.layers
+        ],
         "entries": summary.entries,
         "bytes": summary.nbytes,
         "selection": summary.selection,

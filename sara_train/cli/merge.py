@@ -1,4 +1,5 @@
 """``sara-train merge``: deltas (any key naming) into a single-file checkpoint or a diffusers folder."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,18 +12,40 @@ from ..families.diffusers_folder import check_new_folder, merge_diffusers_folder
 
 
 def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", required=True, type=Path,
-                        help="single-file .safetensors checkpoint or diffusers folder to merge into")
-    parser.add_argument("--delta", required=True, action="append", metavar="FILE[:STRENGTH]",
-                        help="SaRA delta file, optionally with a strength (default 1); repeat to stack deltas")
-    parser.add_argument("--out", required=True, type=Path,
-                        help="output checkpoint file (for a file --base) or new folder (for a folder --base)")
-    parser.add_argument("--no-check-base", action="store_true",
-                        help="merge even if the base weights differ from the ones the delta was trained on")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing --out file (never an input, a folder or a special file)")
-    parser.add_argument("--allow-repeat", action="store_true",
-                        help="merge a delta that --base records as already merged into it (adds it twice)")
+    parser.add_argument(
+        "--base",
+        required=True,
+        type=Path,
+        help="single-file .safetensors checkpoint or diffusers folder to merge into",
+    )
+    parser.add_argument(
+        "--delta",
+        required=True,
+        action="append",
+        metavar="FILE[:STRENGTH]",
+        help="SaRA delta file, optionally with a strength (default 1); repeat to stack deltas",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="output checkpoint file (for a file --base) or new folder (for a folder --base)",
+    )
+    parser.add_argument(
+        "--no-check-base",
+        action="store_true",
+        help="merge even if the base weights differ from the ones the delta was trained on",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out file (never an input, a folder or a special file)",
+    )
+    parser.add_argument(
+        "--allow-repeat",
+        action="store_true",
+        help="merge a delta that --base records as already merged into it (adds it twice)",
+    )
 
 
 def merge_command(args: argparse.Namespace) -> int:
@@ -31,7 +54,7 @@ def merge_command(args: argparse.Namespace) -> int:
     (unless ``--overwrite``); this is checked before anything is read."""
     base, out = Path(args.base), Path(args.out)
     specs = [parse_delta_spec(text) for text in args.delta]
-    options = dict(check_base=not args.no_check_base, allow_repeat=args.allow_repeat)
+    options = {"check_base": not args.no_check_base, "allow_repeat": args.allow_repeat}
     if base.is_dir():
         check_new_folder(out, base)
     else:

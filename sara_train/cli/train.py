@@ -1,8 +1,10 @@
 """``sara-train train``: the trainer run from the command line, with one-line reports."""
+
 from __future__ import annotations
 
 import argparse
 import sys
+
 
 def run_train(args: argparse.Namespace) -> int:
     from ..trainer.config import config_from_arguments
@@ -22,8 +24,10 @@ def run_train(args: argparse.Namespace) -> int:
     if result.losses:
         last = result.losses[-1]
         on = f" on {processes.world} processes" if processes.world > 1 else ""
-        print(f"trained {last.step} steps{on} ({result.num_trainable:,} trainable entries) in {last.seconds:.0f} s; "
-              f"final loss {last.loss:.4f}; delta: {result.delta_path}")
+        print(
+            f"trained {last.step} steps{on} ({result.num_trainable:,} trainable entries) in {last.seconds:.0f} s; "
+            f"final loss {last.loss:.4f}; delta: {result.delta_path}"
+        )
     return 0
 
 
@@ -35,5 +39,7 @@ def interruption_message(result, total_steps: int) -> str:
     steps = len(result.losses)
     if steps >= total_steps or result.stopped_while == "rendering the final samples":
         return f"{stop}; training had finished and is saved: {result.delta_path}"
-    return (f"{stop}; saved step {steps} of {total_steps}: {result.delta_path} and the resume state. "
-            f"Continue with the same command plus --resume")
+    return (
+        f"{stop}; saved step {steps} of {total_steps}: {result.delta_path} and the resume state. "
+        f"Continue with the same command plus --resume"
+    )

@@ -1,4 +1,5 @@
 """``python -m sara_train.demo``: see ``sara_train.demo.run``."""
+
 import sys
 
 from .run import main

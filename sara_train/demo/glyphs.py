@@ -9,11 +9,12 @@ The catalogue: ``PRETRAINING_FONTS`` are upright fonts only. ``HELD_OUT_FONT`` (
 Italic, style "times italic") is the demo's fine-tuning target: the base model never sees a
 slanted glyph or the word "italic", so a successful fine-tune is visible at a glance.
 """
+
 from __future__ import annotations
 
 import string
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import matplotlib
@@ -74,7 +75,7 @@ def _ink_box(font: ImageFont.FreeTypeFont, char: str) -> tuple[int, int, int, in
     return font.getbbox(char, anchor="ls")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _truetype(path: Path, pixels: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(str(path), pixels)
 
@@ -97,8 +98,12 @@ def render_glyph(font: Font, char: str) -> torch.Tensor:
     truetype = _truetype(font.path, pixels)
     left, top, right, bottom = _ink_box(truetype, char)
     baseline = BASELINE * scale
-    shrink = min(1.0, usable / (right - left), (baseline - MARGIN * scale) / max(1, -top),
-                 (GLYPH_SIZE * scale - MARGIN * scale - baseline) / max(1, bottom))
+    shrink = min(
+        1.0,
+        usable / (right - left),
+        (baseline - MARGIN * scale) / max(1, -top),
+        (GLYPH_SIZE * scale - MARGIN * scale - baseline) / max(1, bottom),
+    )
     if shrink < 1.0:
         truetype = _truetype(font.path, int(pixels * shrink))
         left, top, right, bottom = _ink_box(truetype, char)
@@ -110,7 +115,7 @@ def render_glyph(font: Font, char: str) -> torch.Tensor:
     return (ink * 2 - 1).unsqueeze(0)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _character_map(path: Path) -> frozenset[int]:
     from fontTools.ttLib import TTFont  # matplotlib's own dependency
 
@@ -118,7 +123,7 @@ def _character_map(path: Path) -> frozenset[int]:
         return frozenset((ttfont.getBestCmap() or {}).keys())
 
 
-@lru_cache(maxsize=None)
+@cache
 def _render_font_cached(file_name: str, style: str) -> torch.Tensor:
     font = Font(file_name, style)
     return torch.stack([render_glyph(font, char) for char in CHARACTERS])

@@ -7,6 +7,7 @@ the *other* fonts is right for 0.9-1.0 of the characters of most fonts, but only
 typewriter and italic fonts (their capitals are small or slanted); generated glyphs are compared
 against all catalogued fonts, their own font included.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -24,7 +25,7 @@ BLUR_SIGMA = 1.0
 def _blurred(glyphs: torch.Tensor) -> torch.Tensor:
     """[N, 1, 32, 32] -> [N, 1024]: Gaussian-blurred (sigma ``BLUR_SIGMA``), flattened, float32."""
     offsets = torch.arange(-3, 4, dtype=torch.float32)
-    kernel = torch.exp(-offsets**2 / (2 * BLUR_SIGMA**2))
+    kernel = torch.exp(-(offsets**2) / (2 * BLUR_SIGMA**2))
     kernel = kernel / kernel.sum()
     x = glyphs.detach().float().cpu()
     x = F.conv2d(x, kernel.view(1, 1, 1, 7), padding=(0, 3))

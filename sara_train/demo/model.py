@@ -12,6 +12,7 @@ Folder layout (``save_glyph_model`` / ``load_glyph_model``):
   ``unet.safetensors``            UNet weights (float16)
   ``text_encoder.safetensors``    text encoder weights (float32); ``text_encoder.json`` its config
 """
+
 from __future__ import annotations
 
 import json
@@ -32,21 +33,29 @@ from .text import TextEncoder, TextEncoderConfig, glyph_vocabulary, load_text_en
 
 FORMAT_NAME = "sara-glyph-model"
 BASE_FOLDER = Path(__file__).parent / "base"
-"""The committed pretrained base (made by ``tools/pretrain_glyph_base.py``; its config.json records the original command, run from scripts/)."""
+"""The committed pretrained base, made by ``tools/pretrain_glyph_base.py`` (its ``config.json``
+records the command, run when the script lived in ``scripts/``)."""
 CONFIG_FILE = "config.json"
 UNET_FILE = "unet.safetensors"
 UNET_CONFIG: dict = {
-    "sample_size": GLYPH_SIZE, "in_channels": 1, "out_channels": 1,
+    "sample_size": GLYPH_SIZE,
+    "in_channels": 1,
+    "out_channels": 1,
     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [32, 64, 128], "layers_per_block": 1, "norm_num_groups": 16,
+    "block_out_channels": [32, 64, 128],
+    "layers_per_block": 1,
+    "norm_num_groups": 16,
     "attention_head_dim": 32,
 }
 """UNet of a new glyph model (plus ``cross_attention_dim`` = text width): 32 -> 16 -> 8 pixels,
 cross-attention at 16 and 8."""
 NOISE_SCHEDULER_CONFIG: dict = {
-    "num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2",
-    "prediction_type": "v_prediction", "clip_sample": True, "clip_sample_range": 1.0,
+    "num_train_timesteps": 1000,
+    "beta_schedule": "squaredcos_cap_v2",
+    "prediction_type": "v_prediction",
+    "clip_sample": True,
+    "clip_sample_range": 1.0,
 }
 DEFAULT_SAMPLER: dict = {"steps": 30, "guidance": 1.0}
 """Measured on the base: 30 (even 15) DDIM steps without guidance recognise 62/62 characters;
@@ -81,8 +90,7 @@ class GlyphModel:
 def sampler_for(noise_scheduler: DDPMScheduler) -> DDIMScheduler:
     """The DDIM sampler for ``noise_scheduler``'s noise: trailing timesteps (the first step starts
     from pure noise at t=999), deterministic (eta 0)."""
-    return DDIMScheduler.from_config(noise_scheduler.config, timestep_spacing="trailing",
-                                     set_alpha_to_one=False)
+    return DDIMScheduler.from_config(noise_scheduler.config, timestep_spacing="trailing", set_alpha_to_one=False)
 
 
 def new_glyph_model(seed: int = 0) -> GlyphModel:
@@ -101,18 +109,21 @@ def save_glyph_model(model: GlyphModel, folder: str | Path) -> None:
     still injected into ``model.unet`` (merge it first: ``handle.remove()``)."""
     folder = Path(folder)
     if any(".parametrizations." in key for key in model.unet.state_dict()):
-        raise SaRAError(f"cannot save a glyph model into {folder} while SaRA is injected into its UNet; "
-                        "call handle.remove() first")
-    unet_state = {key: value.detach().to(torch.float16).cpu().contiguous()
-                  for key, value in model.unet.state_dict().items()}
+        raise SaRAError(
+            f"cannot save a glyph model into {folder} while SaRA is injected into its UNet; call handle.remove() first"
+        )
+    unet_state = {
+        key: value.detach().to(torch.float16).cpu().contiguous() for key, value in model.unet.state_dict().items()
+    }
     with atomic_output(folder / UNET_FILE) as temp:
         temp.write_bytes(save(unet_state, metadata={"format": FORMAT_NAME}))
     save_text_encoder(model.text_encoder, folder)
     config = {
         "format": FORMAT_NAME,
         "unet": {key: value for key, value in dict(model.unet.config).items() if not key.startswith("_")},
-        "noise_scheduler": {key: value for key, value in dict(model.noise_scheduler.config).items()
-                            if not key.startswith("_")},
+        "noise_scheduler": {
+            key: value for key, value in dict(model.noise_scheduler.config).items() if not key.startswith("_")
+        },
         "sampler": model.sampler_defaults,
         "provenance": model.provenance,
     }
@@ -132,12 +143,11 @@ def load_glyph_model(folder: str | Path = BASE_FOLDER) -> GlyphModel:
     except json.JSONDecodeError as exc:
         raise SaRAError(f"{config_path} is not valid JSON ({exc})") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
-        raise SaRAError(f"{config_path}: expected \"format\": \"{FORMAT_NAME}\"")
+        raise SaRAError(f'{config_path}: expected "format": "{FORMAT_NAME}"')
     try:
         unet = UNet2DConditionModel.from_config(config["unet"])
         noise_scheduler = DDPMScheduler.from_config(config["noise_scheduler"])
-        sampler_defaults = {"steps": int(config["sampler"]["steps"]),
-                            "guidance": float(config["sampler"]["guidance"])}
+        sampler_defaults = {"steps": int(config["sampler"]["steps"]), "guidance": float(config["sampler"]["guidance"])}
     except (KeyError, TypeError, ValueError) as exc:
         raise SaRAError(f"{config_path}: malformed glyph model config ({type(exc).__name__}: {exc})") from None
     unet_path = folder / UNET_FILE
@@ -146,13 +156,20 @@ def load_glyph_model(folder: str | Path = BASE_FOLDER) -> GlyphModel:
         unet.load_state_dict(load_file(str(unet_path)))
     except (RuntimeError, SafetensorError) as exc:
         raise SaRAError(f"{unet_path} does not fit the UNet config in {config_path}: {exc}") from None
-    return GlyphModel(unet.float().eval(), load_text_encoder(folder), noise_scheduler,
-                      sampler_for(noise_scheduler), sampler_defaults, dict(config.get("provenance", {})))
+    return GlyphModel(
+        unet.float().eval(),
+        load_text_encoder(folder),
+        noise_scheduler,
+        sampler_for(noise_scheduler),
+        sampler_defaults,
+        dict(config.get("provenance", {})),
+    )
 
 
 @torch.no_grad()
-def generate(model: GlyphModel, prompts: Sequence[str], seed: int = 0, steps: int | None = None,
-             guidance: float | None = None) -> torch.Tensor:
+def generate(
+    model: GlyphModel, prompts: Sequence[str], seed: int = 0, steps: int | None = None, guidance: float | None = None
+) -> torch.Tensor:
     """Sample one glyph per prompt: float32 [len(prompts), 1, 32, 32] in [-1, 1], on the CPU.
 
     DDIM with ``steps`` steps and classifier-free guidance ``guidance`` (1.0 = none) against the
@@ -182,8 +199,12 @@ def generate(model: GlyphModel, prompts: Sequence[str], seed: int = 0, steps: in
     return sample.clamp(-1, 1).float().cpu()
 
 
-def glyph_grid(rows: Sequence[Sequence[torch.Tensor]], labels: Sequence[str],
-               column_labels: Sequence[str] | None = None, scale: int = 3) -> Image.Image:
+def glyph_grid(
+    rows: Sequence[Sequence[torch.Tensor]],
+    labels: Sequence[str],
+    column_labels: Sequence[str] | None = None,
+    scale: int = 3,
+) -> Image.Image:
     """A labelled grid image: row ``i`` is ``labels[i]`` then the glyphs ``rows[i]`` (each
     [1, 32, 32] in [-1, 1]), drawn as dark ink on white paper, each glyph enlarged ``scale`` times.
     ``column_labels`` (optional) head the columns. Rows may have different lengths."""
@@ -197,8 +218,7 @@ def glyph_grid(rows: Sequence[Sequence[torch.Tensor]], labels: Sequence[str],
     image = Image.new("L", (label_width + columns * (cell + 2), header + len(rows) * (cell + 2)), 255)
     draw = ImageDraw.Draw(image)
     for column, text in enumerate(column_labels or []):
-        draw.text((label_width + column * (cell + 2) + cell // 2, header // 2), text, fill=0, font=font,
-                  anchor="mm")
+        draw.text((label_width + column * (cell + 2) + cell // 2, header // 2), text, fill=0, font=font, anchor="mm")
     for row_index, (row, label) in enumerate(zip(rows, labels)):
         top = header + row_index * (cell + 2)
         draw.text((6, top + cell // 2), label, fill=0, font=font, anchor="lm")

@@ -5,6 +5,7 @@ demo fine-tunes it with SaRA on STIX General Italic, a font (and a slant) it has
 only some of the characters, then draws the others (held out: never shown in the new font) before
 and after. Everything goes through the same training loop as ``sara-train train``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,7 @@ from ..trainer.loop import TrainResult, run_training
 from ..trainer.types import PromptEmbedding, TrainingExample
 from .glyphs import CHARACTERS, HELD_OUT_FONT, glyph_prompt, render_glyphs
 from .metrics import character_accuracy, style_distances
-from .model import BASE_FOLDER, GlyphModel, generate, glyph_grid, load_glyph_model
+from .model import GlyphModel, generate, glyph_grid, load_glyph_model
 
 FINETUNE_CHARACTERS = "abdefhkmnrsuyBEGHKMRT247"
 """The only characters the fine-tune shows the model in the new font (24 of 62)."""
@@ -45,9 +46,20 @@ class DemoReport:
 
 def demo_config(output_dir: Path, steps: int, seed: int, resume: bool = False) -> LoopConfig:
     """The fine-tune's settings (chosen to finish in a few minutes on 2 CPU cores)."""
-    return LoopConfig(output_dir=str(output_dir), steps=steps, batch_size=16, learning_rate=2e-3, budget=0.05,
-                      rank_weight=1e-4, rank_layers_per_step=8, progressive_fraction=0.5, seed=seed, log_every=10,
-                      delta_dtype="fp16", resume=resume)
+    return LoopConfig(
+        output_dir=str(output_dir),
+        steps=steps,
+        batch_size=16,
+        learning_rate=2e-3,
+        budget=0.05,
+        rank_weight=1e-4,
+        rank_layers_per_step=8,
+        progressive_fraction=0.5,
+        seed=seed,
+        log_every=10,
+        delta_dtype="fp16",
+        resume=resume,
+    )
 
 
 def finetune_examples(model: GlyphModel, chars: str) -> list[TrainingExample]:
@@ -67,9 +79,14 @@ def draw_held_out(model: GlyphModel, seed: int) -> torch.Tensor:
 def measure(before: torch.Tensor, after: torch.Tensor) -> DemoReport:
     chars = list(HELD_OUT_CHARACTERS)
     styles_before, styles_after = style_distances(before, chars), style_distances(after, chars)
-    return DemoReport(character_accuracy(before, chars), character_accuracy(after, chars),
-                      next(iter(styles_before)), next(iter(styles_after)),
-                      styles_before[HELD_OUT_FONT.style], styles_after[HELD_OUT_FONT.style])
+    return DemoReport(
+        character_accuracy(before, chars),
+        character_accuracy(after, chars),
+        next(iter(styles_before)),
+        next(iter(styles_after)),
+        styles_before[HELD_OUT_FONT.style],
+        styles_after[HELD_OUT_FONT.style],
+    )
 
 
 def clear_previous_demo(output_dir: Path) -> None:
@@ -81,7 +98,9 @@ def clear_previous_demo(output_dir: Path) -> None:
             path.unlink()
 
 
-def run_demo(output_dir: Path, steps: int, seed: int = 0, resume: bool = False) -> tuple[TrainResult, DemoReport | None]:
+def run_demo(
+    output_dir: Path, steps: int, seed: int = 0, resume: bool = False
+) -> tuple[TrainResult, DemoReport | None]:
     """Fine-tune, then write ``before_after.png`` (and the run's files) to ``output_dir``.
 
     ``resume`` continues an interrupted demo run in ``output_dir`` (else its files are cleared
@@ -92,9 +111,13 @@ def run_demo(output_dir: Path, steps: int, seed: int = 0, resume: bool = False) 
     model = load_glyph_model()
     before = draw_held_out(model, seed)
     config = demo_config(output_dir, steps, seed, resume)
-    result = run_training(model.unet, model.noise_scheduler, finetune_examples(model, FINETUNE_CHARACTERS), config,
-                          delta_metadata={"demo": "glyphs", "font": HELD_OUT_FONT.file_name,
-                                          "characters": FINETUNE_CHARACTERS})
+    result = run_training(
+        model.unet,
+        model.noise_scheduler,
+        finetune_examples(model, FINETUNE_CHARACTERS),
+        config,
+        delta_metadata={"demo": "glyphs", "font": HELD_OUT_FONT.file_name, "characters": FINETUNE_CHARACTERS},
+    )
     if result.interrupted:
         return result, None
     after = draw_held_out(model, seed)
@@ -127,7 +150,8 @@ def summary(output_dir: Path, result: TrainResult, report: DemoReport, seconds: 
         f"{report.accuracy_after:.0%} are still read as the right character (base: {report.accuracy_before:.0%}). "
         f"Before/after grid: {output_dir / 'before_after.png'}; loss plot: {output_dir / 'loss.png'} "
         f"(log: {output_dir / 'loss.csv'}); delta: {result.delta_path} "
-        f"(inspect it with `sara-train inspect {result.delta_path}`).")
+        f"(inspect it with `sara-train inspect {result.delta_path}`)."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,12 +169,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"demo: error: {error}", file=sys.stderr)
             return 2
         except Interrupted as stop:
-            print(f"\ndemo: {stop.signal_name}: stopped outside training; every file written is complete "
-                  f"(run the demo again)", file=sys.stderr)
+            print(
+                f"\ndemo: {stop.signal_name}: stopped outside training; every file written is complete "
+                f"(run the demo again)",
+                file=sys.stderr,
+            )
             return stop.exit_status
     if report is None:
-        saved = (f"saved step {len(result.losses)}: {result.delta_path}; continue with --resume"
-                 if result.delta_path else "nothing was saved")
+        saved = (
+            f"saved step {len(result.losses)}: {result.delta_path}; continue with --resume"
+            if result.delta_path
+            else "nothing was saved"
+        )
         print(f"\ndemo: {result.interruption.signal_name} while {result.stopped_while}; {saved}", file=sys.stderr)
         return result.interruption.exit_status
     print("\n" + summary(args.out, result, report, time.monotonic() - started))

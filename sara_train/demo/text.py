@@ -10,6 +10,7 @@ states [B, L, width] that the UNet cross-attends to.
 Saved as ``text_encoder.safetensors`` (float32 weights) and ``text_encoder.json`` (its
 ``TextEncoderConfig``, vocabulary included).
 """
+
 from __future__ import annotations
 
 import json
@@ -53,10 +54,15 @@ class TextEncoderConfig:
     feedforward: int = 256
 
     def __post_init__(self) -> None:
-        if len(set(self.vocabulary)) != len(self.vocabulary) or START not in self.vocabulary \
-                or PAD not in self.vocabulary:
-            raise SaRAError(f"text encoder vocabulary must hold distinct words including {START!r} "
-                            f"and {PAD!r}; got {list(self.vocabulary)}")
+        if (
+            len(set(self.vocabulary)) != len(self.vocabulary)
+            or START not in self.vocabulary
+            or PAD not in self.vocabulary
+        ):
+            raise SaRAError(
+                f"text encoder vocabulary must hold distinct words including {START!r} "
+                f"and {PAD!r}; got {list(self.vocabulary)}"
+            )
         if self.width % self.heads:
             raise SaRAError(f"text encoder width {self.width} is not divisible by heads {self.heads}")
 
@@ -81,11 +87,14 @@ class WordTokenizer:
             words = self.words(prompt)
             for word in words:
                 if word not in self.ids:
-                    raise SaRAError(f"prompt {prompt!r}: unknown word {word!r}; the glyph text encoder "
-                                    f"knows only these words: {' '.join(self.vocabulary[2:])}")
+                    raise SaRAError(
+                        f"prompt {prompt!r}: unknown word {word!r}; the glyph text encoder "
+                        f"knows only these words: {' '.join(self.vocabulary[2:])}"
+                    )
             if len(words) > self.max_length - 1:
-                raise SaRAError(f"prompt {prompt!r} has {len(words)} words; at most "
-                                f"{self.max_length - 1} fit the text encoder")
+                raise SaRAError(
+                    f"prompt {prompt!r} has {len(words)} words; at most {self.max_length - 1} fit the text encoder"
+                )
             ids = [self.ids[START]] + [self.ids[word] for word in words]
             rows.append(ids + [self.ids[PAD]] * (self.max_length - len(ids)))
         return torch.tensor(rows, dtype=torch.long).reshape(len(rows), self.max_length)
@@ -104,8 +113,15 @@ class TextEncoder(nn.Module):
         self.tokenizer = WordTokenizer(config.vocabulary, config.max_length)
         self.token_embedding = nn.Embedding(len(config.vocabulary), config.width)
         self.position_embedding = nn.Parameter(torch.zeros(config.max_length, config.width))
-        layer = nn.TransformerEncoderLayer(config.width, config.heads, config.feedforward, dropout=0.0,
-                                           activation="gelu", batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            config.width,
+            config.heads,
+            config.feedforward,
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
         self.transformer = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
         self.final_norm = nn.LayerNorm(config.width)
         nn.init.normal_(self.token_embedding.weight, std=0.02)

@@ -1,18 +1,19 @@
 """The SaRA engine: torch + safetensors only, for any ``torch.nn.Module``.
 
-    config.py     SaRAConfig: which weights train, threshold or budget
-    selection.py  targets and the exact budget -> sorted int32 flat indices
-    sparse.py     SparseUpdate: the sparse-trainable weight (parametrization + autograd function)
-    rank_loss.py  the nuclear-norm loss and its gradient at the trainable entries
-    handle.py     inject() and SaRAHandle: parameters, rank loss, re-selection, delta, remove
-    optim.py      SaRAAdamW, the one-line form (decay of ΔP toward the pretrained weights)
-    delta.py      SparseDelta: the file format, stack, scale, summary
-    apply.py      the one delta path: fit a delta to any target's names, check it, add it
-    checkpoint.py the streaming merge into .safetensors checkpoints
-    analysis.py   |w| histograms, budget -> threshold, the paper's Sec. 3.1 zeroing check
-    files.py      safetensors header validation, atomic writes, output checks
-    keys.py       matching key names exactly or through one prefix
+config.py     SaRAConfig: which weights train, threshold or budget
+selection.py  targets and the exact budget -> sorted int32 flat indices
+sparse.py     SparseUpdate: the sparse-trainable weight (parametrization + autograd function)
+rank_loss.py  the nuclear-norm loss and its gradient at the trainable entries
+handle.py     inject() and SaRAHandle: parameters, rank loss, re-selection, delta, remove
+optim.py      SaRAAdamW, the one-line form (decay of ΔP toward the pretrained weights)
+delta.py      SparseDelta: the file format, stack, scale, summary
+apply.py      the one delta path: fit a delta to any target's names, check it, add it
+checkpoint.py the streaming merge into .safetensors checkpoints
+analysis.py   |w| histograms, budget -> threshold, the paper's Sec. 3.1 zeroing check
+files.py      safetensors header validation, atomic writes, output checks
+keys.py       matching key names exactly or through one prefix
 """
+
 from .apply import KeyNaming, Piece, RestorePoint, apply_delta, fit_delta, register_naming
 from .checkpoint import merge_checkpoint
 from .config import SaRAConfig
@@ -22,7 +23,22 @@ from .handle import SaRAHandle, inject
 from .optim import SaRAAdamW
 
 __all__ = [
-    "DTYPES", "DeltaFormatError", "DeltaMismatchError", "DeltaSummary", "KeyNaming", "LayerDelta", "Piece",
-    "RestorePoint", "SaRAAdamW", "SaRAConfig", "SaRAError", "SaRAHandle", "SparseDelta", "apply_delta", "fit_delta",
-    "inject", "merge_checkpoint", "register_naming",
+    "DTYPES",
+    "DeltaFormatError",
+    "DeltaMismatchError",
+    "DeltaSummary",
+    "KeyNaming",
+    "LayerDelta",
+    "Piece",
+    "RestorePoint",
+    "SaRAAdamW",
+    "SaRAConfig",
+    "SaRAError",
+    "SaRAHandle",
+    "SparseDelta",
+    "apply_delta",
+    "fit_delta",
+    "inject",
+    "merge_checkpoint",
+    "register_naming",
 ]

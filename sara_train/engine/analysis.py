@@ -6,6 +6,7 @@ a few percent picks a threshold in the thin tail near zero. ``zero_small_weights
 Sec. 3.1 check: setting those weights to zero barely changes the model's output, so they are
 "ineffective" parameters free to be retrained.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
@@ -76,8 +77,9 @@ class ZeroingRow:
 
 
 @torch.no_grad()
-def zero_small_weights_effect(model: nn.Module, run: Callable[[nn.Module], torch.Tensor],
-                              thresholds: Sequence[float], config: SaRAConfig) -> list[ZeroingRow]:
+def zero_small_weights_effect(
+    model: nn.Module, run: Callable[[nn.Module], torch.Tensor], thresholds: Sequence[float], config: SaRAConfig
+) -> list[ZeroingRow]:
     """For each threshold: zero the targeted entries below it, call ``run(model)``, compare with the
     unchanged output, put the weights back. One ``ZeroingRow`` per threshold, in order.
 
@@ -117,6 +119,6 @@ def magnitude_histogram(weights: Iterable[torch.Tensor], bins: int = 90) -> tupl
     low, high = LOG10_RANGE
     counts = torch.zeros(bins, dtype=torch.float64)
     for w in weights:
-        logs = w.detach().reshape(-1).abs().float().clamp_min(10.0 ** low).log10().clamp_max(high)
+        logs = w.detach().reshape(-1).abs().float().clamp_min(10.0**low).log10().clamp_max(high)
         counts += torch.histc(logs, bins=bins, min=low, max=high).double().cpu()
     return torch.linspace(low, high, bins + 1), counts

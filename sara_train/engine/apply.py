@@ -18,11 +18,12 @@ Each delta layer is placed as one or more ``Piece``s: its rows [start, stop) lan
 row's entries) must agree. Then ``check_layer_fits`` checks the fitted layer against the target
 tensor (shape, dtype, and the base fingerprint), and ``add_sparse_`` adds it.
 """
+
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -94,8 +95,9 @@ def place_keys(delta: Shapes, target: Shapes, target_name: str) -> dict[str, Pla
     found = [(naming, placed) for naming in KEY_NAMINGS if (placed := naming.place(delta, target)) is not None]
     if any(placed != found[0][1] for _, placed in found[1:]):
         names = ", ".join(naming.description for naming, _ in found)
-        raise DeltaMismatchError(f"the delta fits {target_name} in different ways through {names}; "
-                                 f"rename its keys to the target's names")
+        raise DeltaMismatchError(
+            f"the delta fits {target_name} in different ways through {names}; rename its keys to the target's names"
+        )
     if found:
         return found[0][1]
     return {key: whole(target_key, delta[key]) for key, target_key in resolve_keys(delta, target, target_name).items()}
@@ -124,18 +126,27 @@ def _moved(key: str, layer: LayerDelta, piece: Piece, target_shape: tuple[int, .
     """The part of ``layer`` that ``piece`` places, in the coordinates of a target of ``target_shape``
     (which must have the layer's shape apart from the first dimension)."""
     rows, row_size = rows_of(layer.shape)
-    if tuple(layer.shape[1:]) != tuple(target_shape[1:]) or not 0 <= piece.start <= piece.stop <= rows \
-            or piece.target_row + piece.stop - piece.start > rows_of(target_shape)[0]:
-        raise DeltaMismatchError(f"delta layer {key!r} has shape {layer.shape} but {target_name}'s "
-                                 f"{piece.key!r} has shape {target_shape}: the delta is for another model")
+    if (
+        tuple(layer.shape[1:]) != tuple(target_shape[1:])
+        or not 0 <= piece.start <= piece.stop <= rows
+        or piece.target_row + piece.stop - piece.start > rows_of(target_shape)[0]
+    ):
+        raise DeltaMismatchError(
+            f"delta layer {key!r} has shape {layer.shape} but {target_name}'s "
+            f"{piece.key!r} has shape {target_shape}: the delta is for another model"
+        )
     if tuple(layer.shape) == tuple(target_shape) and (piece.start, piece.stop, piece.target_row) == (0, rows, 0):
         return layer
     low, high, shift = piece.start * row_size, piece.stop * row_size, (piece.target_row - piece.start) * row_size
     inside = (layer.flat_indices >= low) & (layer.flat_indices < high)
     probes_inside = (layer.probe_indices >= low) & (layer.probe_indices < high)
-    return LayerDelta(target_shape, (layer.flat_indices[inside].long() + shift).to(torch.int32), layer.values[inside],
-                      (layer.probe_indices[probes_inside].long() + shift).to(torch.int32),
-                      layer.probe_values[probes_inside])
+    return LayerDelta(
+        target_shape,
+        (layer.flat_indices[inside].long() + shift).to(torch.int32),
+        layer.values[inside],
+        (layer.probe_indices[probes_inside].long() + shift).to(torch.int32),
+        layer.probe_values[probes_inside],
+    )
 
 
 def _joined(target_key: str, pieces: list[LayerDelta], target_name: str) -> LayerDelta:
@@ -157,8 +168,10 @@ def check_layer_fits(key: str, layer: LayerDelta, weight: torch.Tensor, check_ba
     """Raise ``DeltaMismatchError`` unless ``layer`` can be added to ``weight`` (shape, float dtype,
     contiguous storage, and with ``check_base`` the probe values, compared to ``PROBE_RTOL``)."""
     if tuple(weight.shape) != tuple(layer.shape):
-        raise DeltaMismatchError(f"delta layer {key!r} has shape {layer.shape} but the target tensor has "
-                                 f"shape {tuple(weight.shape)}: the delta is for another model")
+        raise DeltaMismatchError(
+            f"delta layer {key!r} has shape {layer.shape} but the target tensor has "
+            f"shape {tuple(weight.shape)}: the delta is for another model"
+        )
     if not weight.is_floating_point():
         raise DeltaMismatchError(f"target tensor for {key!r} has dtype {weight.dtype}, not a float")
     if not weight.is_contiguous():
@@ -169,7 +182,8 @@ def check_layer_fits(key: str, layer: LayerDelta, weight: torch.Tensor, check_ba
             raise DeltaMismatchError(
                 f"base weights differ at {key!r}: this delta was trained from another model "
                 f"(expected {layer.probe_values.tolist()}, found {found.tolist()} at probe positions); "
-                f"pass check_base=False to apply it anyway")
+                f"pass check_base=False to apply it anyway"
+            )
 
 
 def add_sparse_(weight: torch.Tensor, layer: LayerDelta, strength: float) -> None:
@@ -206,16 +220,18 @@ def named_tensors(target: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, t
         tensors = dict(target.named_parameters(remove_duplicate=False))
         tensors.update(target.named_buffers(remove_duplicate=False))
         if any(".parametrizations." in name for name in tensors):
-            raise SaRAError("the target module is parametrized (SaRA is injected?); "
-                            "call handle.remove() before applying a delta")
+            raise SaRAError(
+                "the target module is parametrized (SaRA is injected?); call handle.remove() before applying a delta"
+            )
         return tensors
     if isinstance(target, Mapping):
         return dict(target)
     raise SaRAError(f"a delta applies to an nn.Module or a state dict, got {type(target).__name__}")
 
 
-def fit_to_tensors(delta: SparseDelta, tensors: Mapping[str, torch.Tensor], check_base: bool,
-                   target_name: str = "the target") -> SparseDelta:
+def fit_to_tensors(
+    delta: SparseDelta, tensors: Mapping[str, torch.Tensor], check_base: bool, target_name: str = "the target"
+) -> SparseDelta:
     """``fit_delta`` to ``tensors`` (a module's or a state dict's), then ``check_layer_fits`` every
     layer against its tensor: the delta ready to add, or ``DeltaMismatchError``."""
     fitted = fit_delta(delta, {name: tuple(tensor.shape) for name, tensor in tensors.items()}, target_name)
@@ -224,8 +240,9 @@ def fit_to_tensors(delta: SparseDelta, tensors: Mapping[str, torch.Tensor], chec
     return fitted
 
 
-def apply_delta(delta: SparseDelta, target: nn.Module | Mapping[str, torch.Tensor], strength: float = 1.0,
-                check_base: bool = True) -> RestorePoint:
+def apply_delta(
+    delta: SparseDelta, target: nn.Module | Mapping[str, torch.Tensor], strength: float = 1.0, check_base: bool = True
+) -> RestorePoint:
     """Add ``strength * delta`` in place to a module's parameters (and buffers) or a state dict.
 
     The delta is fitted to the target (``fit_delta``: by name, prefix or a model family's naming)

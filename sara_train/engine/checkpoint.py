@@ -4,6 +4,7 @@ The output keeps the input's header (same dtypes, shapes, offsets) plus merge me
 bytes are copied through in chunks; only tensors a delta touches are materialised, one at a time,
 so peak memory is about the largest touched tensor plus the delta, never the whole checkpoint.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,10 +28,15 @@ MERGE_RECORD_KEY = "sara_merged"
 ``{"delta": content hash, "strength": s, "entries": n}``, one per delta, oldest first."""
 
 
-def merge_checkpoint(ckpt_in: str | os.PathLike,
-                     delta: SparseDelta | str | os.PathLike | Sequence[SparseDelta | str | os.PathLike],
-                     ckpt_out: str | os.PathLike, strength: float | Sequence[float] = 1.0,
-                     check_base: bool = True, overwrite: bool = False, allow_repeat: bool = False) -> Path:
+def merge_checkpoint(
+    ckpt_in: str | os.PathLike,
+    delta: SparseDelta | str | os.PathLike | Sequence[SparseDelta | str | os.PathLike],
+    ckpt_out: str | os.PathLike,
+    strength: float | Sequence[float] = 1.0,
+    check_base: bool = True,
+    overwrite: bool = False,
+    allow_repeat: bool = False,
+) -> Path:
     """Write ``ckpt_out`` = ``ckpt_in`` with ``strength * delta`` added; atomically.
 
     ``delta`` is one delta or a list (objects or file paths), ``strength`` one finite number or one
@@ -45,16 +51,22 @@ def merge_checkpoint(ckpt_in: str | os.PathLike,
     """
     items = list(delta) if isinstance(delta, (list, tuple)) else [delta]
     strengths = list(strength) if isinstance(strength, (list, tuple)) else [strength] * len(items)
-    check_output_file(ckpt_out, [ckpt_in, *(item for item in items if not isinstance(item, SparseDelta))],
-                      overwrite, "checkpoint output")
+    check_output_file(
+        ckpt_out,
+        [ckpt_in, *(item for item in items if not isinstance(item, SparseDelta))],
+        overwrite,
+        "checkpoint output",
+    )
     header = read_safetensors_header(ckpt_in)
     shapes = {name: entry.shape for name, entry in header.tensors.items()}
     deltas = [fit_delta(item, shapes, f"checkpoint {ckpt_in}") for item in load_deltas(items)]
     combined = SparseDelta.stack(deltas, strengths, check_base=check_base)
     for ckpt_key in combined.layers:
         if header.tensors[ckpt_key].dtype not in ("F32", "F16", "BF16", "F64"):
-            raise DeltaMismatchError(f"checkpoint tensor {ckpt_key!r} has dtype {header.tensors[ckpt_key].dtype}, "
-                                     f"not a float SaRA can add to")
+            raise DeltaMismatchError(
+                f"checkpoint tensor {ckpt_key!r} has dtype {header.tensors[ckpt_key].dtype}, "
+                f"not a float SaRA can add to"
+            )
     records = merge_records(header.metadata)
     for delta_item, item_strength in zip(deltas, strengths):
         content = delta_item.content_hash()
@@ -62,12 +74,15 @@ def merge_checkpoint(ckpt_in: str | os.PathLike,
         if earlier and not allow_repeat:
             raise DeltaMismatchError(
                 f"{ckpt_in} already holds this delta (merged at strength {earlier[0].get('strength')}); merging "
-                f"it again would add it twice. Merge into the original checkpoint, or allow a repeated merge")
+                f"it again would add it twice. Merge into the original checkpoint, or allow a repeated merge"
+            )
         records.append({"delta": content, "strength": float(item_strength), "entries": delta_item.num_entries})
     metadata = dict(header.metadata)
     metadata[MERGE_RECORD_KEY] = json.dumps(records)
-    raw_header = {name: {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
-                  for name, e in header.tensors.items()}
+    raw_header = {
+        name: {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
+        for name, e in header.tensors.items()
+    }
     raw_header["__metadata__"] = metadata
     header_bytes = json.dumps(raw_header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)
@@ -84,7 +99,11 @@ def merge_checkpoint(ckpt_in: str | os.PathLike,
             else:
                 buffer = bytearray(source.read(entry.end - entry.begin))
                 dtype = SAFETENSORS_DTYPES[entry.dtype]
-                tensor = torch.frombuffer(buffer, dtype=dtype).view(entry.shape) if buffer else torch.empty(entry.shape, dtype=dtype)
+                tensor = (
+                    torch.frombuffer(buffer, dtype=dtype).view(entry.shape)
+                    if buffer
+                    else torch.empty(entry.shape, dtype=dtype)
+                )
                 check_layer_fits(name, layer, tensor, check_base)
                 add_sparse_(tensor, layer, 1.0)
                 out.write(buffer)

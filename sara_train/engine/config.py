@@ -1,4 +1,5 @@
 """SaRAConfig: which weights SaRA trains and how they are selected."""
+
 from __future__ import annotations
 
 import math
@@ -12,8 +13,15 @@ from .errors import SaRAError
 
 DEFAULT_BUDGET = 0.05
 NORM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
-    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.RMSNorm,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.RMSNorm,
 )
 
 
@@ -49,8 +57,9 @@ class SaRAConfig:
             raise SaRAError("SaRAConfig: give either threshold or budget, not both")
         if self.threshold is None and self.budget is None:
             self.budget = DEFAULT_BUDGET
-        if self.threshold is not None and not (isinstance(self.threshold, (int, float))
-                                               and math.isfinite(self.threshold) and self.threshold > 0):
+        if self.threshold is not None and not (
+            isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold > 0
+        ):
             raise SaRAError(f"SaRAConfig: threshold must be a finite number > 0, got {self.threshold!r}")
         if self.budget is not None:
             if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
@@ -68,4 +77,6 @@ class SaRAConfig:
                 try:
                     re.compile(pattern)
                 except re.error as error:
-                    raise SaRAError(f"SaRAConfig: {option} pattern {pattern!r} is not a valid regex ({error})") from None
+                    raise SaRAError(
+                        f"SaRAConfig: {option} pattern {pattern!r} is not a valid regex ({error})"
+                    ) from None

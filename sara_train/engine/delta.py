@@ -9,6 +9,7 @@ and ``__metadata__``: ``format`` = "sara-delta", ``format_version`` = "1", ``sha
 {K: shape}), ``selection`` (JSON {"threshold": θ, "budget": ...}), ``base_fingerprint`` (16 hex
 digits), ``user`` (JSON object of strings).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -80,10 +81,12 @@ class LayerDelta:
     def validate(self, where: str) -> None:
         """Raise ``DeltaFormatError`` (mentioning ``where``) unless the invariants above hold."""
         size = math.prod(self.shape)
-        for name, tensor, dtypes in (("indices", self.flat_indices, (torch.int32,)),
-                                     ("values", self.values, VALUE_DTYPES),
-                                     ("probe indices", self.probe_indices, (torch.int32,)),
-                                     ("probe values", self.probe_values, (torch.float32,))):
+        for name, tensor, dtypes in (
+            ("indices", self.flat_indices, (torch.int32,)),
+            ("values", self.values, VALUE_DTYPES),
+            ("probe indices", self.probe_indices, (torch.int32,)),
+            ("probe values", self.probe_values, (torch.float32,)),
+        ):
             if tensor.dim() != 1:
                 raise DeltaFormatError(f"{where}: {name} must be 1-D, got shape {tuple(tensor.shape)}")
             if tensor.dtype not in dtypes:
@@ -97,8 +100,10 @@ class LayerDelta:
                 continue
             low, high = int(indices.min()), int(indices.max())
             if low < 0 or high >= size:
-                raise DeltaFormatError(f"{where}: {name} out of range: [{low}, {high}] for a weight of "
-                                       f"shape {self.shape} ({size} entries)")
+                raise DeltaFormatError(
+                    f"{where}: {name} out of range: [{low}, {high}] for a weight of "
+                    f"shape {self.shape} ({size} entries)"
+                )
             steps = indices[1:] - indices[:-1]
             if bool((steps == 0).any()):
                 raise DeltaFormatError(f"{where}: duplicated {name}")
@@ -121,23 +126,32 @@ class DeltaSummary:
     metadata: dict[str, str]
 
     def __str__(self) -> str:
-        lines = [f"SaRA delta: {len(self.layers)} layers, {self.entries:,} entries, "
-                 f"{self.nbytes / 2**20:.2f} MiB, base {self.base_fingerprint}, selection {printable(str(self.selection))}"]
+        lines = [
+            f"SaRA delta: {len(self.layers)} layers, {self.entries:,} entries, "
+            f"{self.nbytes / 2**20:.2f} MiB, base {self.base_fingerprint}, selection {printable(str(self.selection))}"
+        ]
         if self.metadata:
-            lines.append("metadata: " + ", ".join(f"{printable(k)}={printable(v)}" for k, v in sorted(self.metadata.items())))
+            lines.append(
+                "metadata: " + ", ".join(f"{printable(k)}={printable(v)}" for k, v in sorted(self.metadata.items()))
+            )
         width = max((len(row[0]) for row in self.layers), default=5)
         lines.append(f"{'layer':<{width}}  {'shape':<20} {'entries':>11} {'of layer':>9} {'bytes':>11}")
         for key, shape, entries, fraction, nbytes in self.layers:
-            lines.append(f"{printable(key):<{width}}  {str(list(shape)):<20} {entries:>11,} {fraction:>8.2%} {nbytes:>11,}")
+            lines.append(
+                f"{printable(key):<{width}}  {str(list(shape)):<20} {entries:>11,} {fraction:>8.2%} {nbytes:>11,}"
+            )
         return "\n".join(lines)
-
 
 
 class SparseDelta:
     """A set of ``LayerDelta`` keyed by weight name, plus selection info and user metadata."""
 
-    def __init__(self, layers: Mapping[str, LayerDelta], selection: Mapping | None = None,
-                 metadata: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        layers: Mapping[str, LayerDelta],
+        selection: Mapping | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
         self.layers: dict[str, LayerDelta] = dict(sorted(layers.items()))
         self.selection: dict = dict(selection or {})
         self.metadata: dict[str, str] = {str(k): str(v) for k, v in (metadata or {}).items()}
@@ -171,14 +185,16 @@ class SparseDelta:
         return digest.hexdigest()[:16]
 
     def summary(self) -> DeltaSummary:
-        rows = [(key, layer.shape, layer.numel, layer.numel / max(1, math.prod(layer.shape)), layer.nbytes)
-                for key, layer in self.layers.items()]
-        return DeltaSummary(self.num_entries, sum(r[4] for r in rows), rows, self.base_fingerprint,
-                            self.selection, self.metadata)
+        rows = [
+            (key, layer.shape, layer.numel, layer.numel / max(1, math.prod(layer.shape)), layer.nbytes)
+            for key, layer in self.layers.items()
+        ]
+        return DeltaSummary(
+            self.num_entries, sum(r[4] for r in rows), rows, self.base_fingerprint, self.selection, self.metadata
+        )
 
     def __repr__(self) -> str:
-        return (f"SparseDelta({len(self.layers)} layers, {self.num_entries:,} entries, "
-                f"base {self.base_fingerprint})")
+        return f"SparseDelta({len(self.layers)} layers, {self.num_entries:,} entries, base {self.base_fingerprint})"
 
     # ----------------------------------------------------------------- arithmetic
     def to(self, dtype: torch.dtype) -> SparseDelta:
@@ -190,19 +206,22 @@ class SparseDelta:
             for key, layer in self.layers.items():
                 if layer.numel and float(layer.values.float().abs().max()) > limit:
                     raise SaRAError(f"delta layer {key!r} has values beyond the {dtype} range; keep float32")
-        return SparseDelta({k: replace(v, values=v.values.to(dtype)) for k, v in self.layers.items()},
-                           self.selection, self.metadata)
+        return SparseDelta(
+            {k: replace(v, values=v.values.to(dtype)) for k, v in self.layers.items()}, self.selection, self.metadata
+        )
 
     def scale(self, strength: float) -> SparseDelta:
         """A copy with every value multiplied by ``strength`` (computed in fp32)."""
         strength = check_strength(strength)
-        layers = {k: replace(v, values=(v.values.float() * strength).to(v.values.dtype))
-                  for k, v in self.layers.items()}
+        layers = {
+            k: replace(v, values=(v.values.float() * strength).to(v.values.dtype)) for k, v in self.layers.items()
+        }
         return SparseDelta(layers, self.selection, self.metadata)
 
     @classmethod
-    def stack(cls, deltas: Sequence[SparseDelta], strengths: Sequence[float] | None = None,
-              check_base: bool = True) -> SparseDelta:
+    def stack(
+        cls, deltas: Sequence[SparseDelta], strengths: Sequence[float] | None = None, check_base: bool = True
+    ) -> SparseDelta:
         """One delta equal to ``sum(strength_i * delta_i)``: index sets are united, values summed.
 
         Values are summed in fp32 and stored in the inputs' dtype when they all share one, else in
@@ -229,10 +248,14 @@ class SparseDelta:
             first = items[0][0]
             for layer, _ in items[1:]:
                 if layer.shape != first.shape:
-                    raise DeltaMismatchError(f"cannot stack deltas: {key!r} has shapes {first.shape} and {layer.shape}")
+                    raise DeltaMismatchError(
+                        f"cannot stack deltas: {key!r} has shapes {first.shape} and {layer.shape}"
+                    )
                 if check_base and not _probes_agree(first, layer):
-                    raise DeltaMismatchError(f"cannot stack deltas trained from different base weights "
-                                             f"(they differ at {key!r}); pass check_base=False to force")
+                    raise DeltaMismatchError(
+                        f"cannot stack deltas trained from different base weights "
+                        f"(they differ at {key!r}); pass check_base=False to force"
+                    )
             indices = torch.cat([layer.flat_indices for layer, _ in items]).long()
             values = torch.cat([layer.values.float() * s for layer, s in items])
             unique, inverse = torch.unique(indices, sorted=True, return_inverse=True)
@@ -252,8 +275,9 @@ class SparseDelta:
         delta = self if dtype is None else self.to(dtype)
         tensors: dict[str, torch.Tensor] = {}
         for key, layer in delta.layers.items():
-            for suffix, tensor in zip(SUFFIXES, (layer.flat_indices, layer.values,
-                                                 layer.probe_indices, layer.probe_values)):
+            for suffix, tensor in zip(
+                SUFFIXES, (layer.flat_indices, layer.values, layer.probe_indices, layer.probe_values)
+            ):
                 tensors[key + suffix] = tensor.detach().cpu().contiguous()
         metadata = {
             "format": FORMAT_NAME,
@@ -275,18 +299,23 @@ class SparseDelta:
         header = read_safetensors_header(path, DeltaFormatError)
         meta = header.metadata
         if meta.get("format") != FORMAT_NAME:
-            raise DeltaFormatError(f"{path} is a safetensors file but not a SaRA delta "
-                                   f"(metadata format={meta.get('format')!r}, expected {FORMAT_NAME!r})")
+            raise DeltaFormatError(
+                f"{path} is a safetensors file but not a SaRA delta "
+                f"(metadata format={meta.get('format')!r}, expected {FORMAT_NAME!r})"
+            )
         if meta.get("format_version") != FORMAT_VERSION:
-            raise DeltaFormatError(f"{path}: unsupported sara-delta version {meta.get('format_version')!r} "
-                                   f"(this sara_train reads version {FORMAT_VERSION})")
+            raise DeltaFormatError(
+                f"{path}: unsupported sara-delta version {meta.get('format_version')!r} "
+                f"(this sara_train reads version {FORMAT_VERSION})"
+            )
         shapes, selection, user = _parse_metadata(path, meta)
         expected = {key + suffix for key in shapes for suffix in SUFFIXES}
         if set(header.tensors) != expected:
             missing = sorted(expected - set(header.tensors))[:3]
             extra = sorted(set(header.tensors) - expected)[:3]
-            raise DeltaFormatError(f"{path}: tensors do not match the declared layers "
-                                   f"(missing {missing}, unexpected {extra})")
+            raise DeltaFormatError(
+                f"{path}: tensors do not match the declared layers (missing {missing}, unexpected {extra})"
+            )
         layers = {}
         try:
             with safe_open(str(path), framework="pt") as file:
@@ -307,8 +336,9 @@ class SparseDelta:
 
         return fit_delta(self, {name: tuple(t.shape) for name, t in named_tensors(target).items()})
 
-    def apply_to(self, target: nn.Module | Mapping[str, torch.Tensor], strength: float = 1.0,
-                 check_base: bool = True) -> RestorePoint:
+    def apply_to(
+        self, target: nn.Module | Mapping[str, torch.Tensor], strength: float = 1.0, check_base: bool = True
+    ) -> RestorePoint:
         """Add ``strength * delta`` in place to a module's parameters or a state dict, whatever key
         naming either uses (see ``sara_train.engine.apply.apply_delta``). Returns the ``RestorePoint``
         that undoes it bit-exactly."""
@@ -321,6 +351,7 @@ def _parse_metadata(path: str | os.PathLike, meta: dict[str, str]) -> tuple[dict
     """``(shapes, selection, user)`` from a delta file's metadata; ``DeltaFormatError`` unless
     ``shapes`` is an object of non-negative integer lists, ``selection`` an object and ``user`` an
     object of strings."""
+
     def parse(name: str, default: str):
         try:
             return json.loads(meta.get(name, default))
@@ -329,10 +360,12 @@ def _parse_metadata(path: str | os.PathLike, meta: dict[str, str]) -> tuple[dict
 
     shapes, selection, user = parse("shapes", "null"), parse("selection", "{}"), parse("user", "{}")
     if not isinstance(shapes, dict) or not all(
-            isinstance(dims, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims)
-            for dims in shapes.values()):
-        raise DeltaFormatError(f"{path}: metadata 'shapes' must be a JSON object of layer shapes "
-                               f"(lists of non-negative integers)")
+        isinstance(dims, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims)
+        for dims in shapes.values()
+    ):
+        raise DeltaFormatError(
+            f"{path}: metadata 'shapes' must be a JSON object of layer shapes (lists of non-negative integers)"
+        )
     if not isinstance(selection, dict):
         raise DeltaFormatError(f"{path}: metadata 'selection' must be a JSON object, got {type(selection).__name__}")
     if not isinstance(user, dict) or not all(isinstance(value, str) for value in user.values()):
@@ -341,5 +374,6 @@ def _parse_metadata(path: str | os.PathLike, meta: dict[str, str]) -> tuple[dict
 
 
 def _probes_agree(layer: LayerDelta, other: LayerDelta) -> bool:
-    return (torch.equal(layer.probe_indices, other.probe_indices)
-            and torch.allclose(layer.probe_values, other.probe_values, rtol=PROBE_RTOL, atol=0))
+    return torch.equal(layer.probe_indices, other.probe_indices) and torch.allclose(
+        layer.probe_values, other.probe_values, rtol=PROBE_RTOL, atol=0
+    )

@@ -1,5 +1,6 @@
 """Safe file handling: safetensors header validation (never unpickle), atomic writes, and checks
 that an output path may be written before any work starts."""
+
 from __future__ import annotations
 
 import json
@@ -19,15 +20,41 @@ from safetensors import SafetensorError
 from .errors import SaRAError
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 """safetensors dtype names sara_train can read as torch tensors."""
-ITEM_BYTES = {"F64": 8, "I64": 8, "U64": 8, "C64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
-              "I16": 2, "U16": 2, "F8_E4M3": 1, "F8_E4M3FNUZ": 1, "F8_E5M2": 1, "F8_E5M2FNUZ": 1,
-              "F8_E8M0": 1, "I8": 1, "U8": 1, "BOOL": 1}
+ITEM_BYTES = {
+    "F64": 8,
+    "I64": 8,
+    "U64": 8,
+    "C64": 8,
+    "F32": 4,
+    "I32": 4,
+    "U32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I16": 2,
+    "U16": 2,
+    "F8_E4M3": 1,
+    "F8_E4M3FNUZ": 1,
+    "F8_E5M2": 1,
+    "F8_E5M2FNUZ": 1,
+    "F8_E8M0": 1,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 """Bytes per element of every safetensors dtype with whole-byte elements (used to check offsets)."""
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -79,8 +106,10 @@ def read_safetensors_header(path: str | os.PathLike, error: type[SaRAError] = Sa
             raise error(f"{path} is not a safetensors file (only {size} bytes)")
         (header_len,) = struct.unpack("<Q", head)
         if header_len > min(MAX_HEADER_BYTES, size - 8):
-            raise error(f"{path} is not a valid safetensors file (header length {header_len} "
-                        f"does not fit a {size}-byte file; truncated or another format)")
+            raise error(
+                f"{path} is not a valid safetensors file (header length {header_len} "
+                f"does not fit a {size}-byte file; truncated or another format)"
+            )
         try:
             header = json.loads(file.read(header_len))
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -110,13 +139,20 @@ def _tensor_entry(path: Path, name: str, info: object, data_size: int, error: ty
     except (KeyError, TypeError, ValueError):
         raise error(f"{path}: malformed header entry for tensor {name!r}") from None
     if entry.end > data_size:
-        raise error(f"{path} is truncated: tensor {name!r} needs bytes up to {entry.end} of the data section "
-                    f"but the file holds {data_size}")
+        raise error(
+            f"{path} is truncated: tensor {name!r} needs bytes up to {entry.end} of the data section "
+            f"but the file holds {data_size}"
+        )
     item_bytes = ITEM_BYTES.get(entry.dtype)
-    if entry.begin < 0 or entry.end < entry.begin or (
-            item_bytes is not None and entry.end - entry.begin != math.prod(entry.shape) * item_bytes):
-        raise error(f"{path}: tensor {name!r} ({entry.dtype}, shape {list(entry.shape)}) does not fit its byte "
-                    f"range [{entry.begin}, {entry.end}); the header is corrupt")
+    if (
+        entry.begin < 0
+        or entry.end < entry.begin
+        or (item_bytes is not None and entry.end - entry.begin != math.prod(entry.shape) * item_bytes)
+    ):
+        raise error(
+            f"{path}: tensor {name!r} ({entry.dtype}, shape {list(entry.shape)}) does not fit its byte "
+            f"range [{entry.begin}, {entry.end}); the header is corrupt"
+        )
     return entry
 
 
@@ -174,16 +210,18 @@ def check_writable_folder(folder: str | os.PathLike, what: str) -> Path:
     return folder
 
 
-def check_output_file(out: str | os.PathLike, inputs: Iterable[str | os.PathLike], overwrite: bool,
-                      what: str = "output") -> Path:
+def check_output_file(
+    out: str | os.PathLike, inputs: Iterable[str | os.PathLike], overwrite: bool, what: str = "output"
+) -> Path:
     """Refuse an output path that would destroy something: one that is (or links to) any of
     ``inputs``, an existing file unless ``overwrite``, or anything that is not a regular file
     (a folder, FIFO or device node), whatever ``overwrite`` says. Raises ``SaRAError``."""
     out = Path(out)
     for source in inputs:
         if _same_file(out, Path(source)):
-            raise SaRAError(f"{what} {out} is the input file {source}; writing it would destroy the input: "
-                            f"choose a new file name")
+            raise SaRAError(
+                f"{what} {out} is the input file {source}; writing it would destroy the input: choose a new file name"
+            )
     if out.exists() or out.is_symlink():
         if not stat.S_ISREG(out.stat().st_mode if out.exists() else os.lstat(out).st_mode):
             raise SaRAError(f"{what} {out} exists and is not a regular file; choose a new file name")

@@ -3,6 +3,7 @@
 ``inject(model, config)`` returns a ``SaRAHandle``, the one object a training loop talks to:
 ``parameters()`` for the optimizer, ``rank_loss()``, ``reselect()``, ``delta()``, ``remove()``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
@@ -35,8 +36,10 @@ def inject(model: nn.Module, config: SaRAConfig | None = None) -> SaRAHandle:
     threshold, flat_indices = select_entries(weights, config)
     if not flat_indices:
         smallest = min(float(w.detach().abs().float().min()) for w in weights.values())
-        raise SaRAError(f"threshold {threshold:g} selects no entries: the smallest |w| of the targeted weights "
-                        f"is {smallest:g}; raise the threshold or give a budget")
+        raise SaRAError(
+            f"threshold {threshold:g} selects no entries: the smallest |w| of the targeted weights "
+            f"is {smallest:g}; raise the threshold or give a budget"
+        )
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     num_targeted = sum(w.numel() for w in weights.values())
     handle = SaRAHandle(model, config, threshold, requires_grad, num_targeted)
@@ -45,8 +48,9 @@ def inject(model: nn.Module, config: SaRAConfig | None = None) -> SaRAHandle:
         for target in targets:
             if target.name not in flat_indices:
                 continue
-            update = SparseUpdate(weights[target.name], flat_indices[target.name],
-                                  config.values_dtype, config.probe_size)
+            update = SparseUpdate(
+                weights[target.name], flat_indices[target.name], config.values_dtype, config.probe_size
+            )
             parametrize.register_parametrization(target.module, target.param_name, update, unsafe=True)
             handle.add_layer(target, update)
     except BaseException:
@@ -59,8 +63,9 @@ class SaRAHandle:
     """Live SaRA state of one model (made by ``inject``). ``layers`` maps weight key -> ``SparseUpdate``;
     ``requires_grad`` holds the model's flags from before injection, restored by ``remove()``."""
 
-    def __init__(self, model: nn.Module, config: SaRAConfig, threshold: float, requires_grad: dict[str, bool],
-                 num_targeted: int) -> None:
+    def __init__(
+        self, model: nn.Module, config: SaRAConfig, threshold: float, requires_grad: dict[str, bool], num_targeted: int
+    ) -> None:
         self.model = model
         self.config = config
         self.threshold = threshold
@@ -106,7 +111,7 @@ class SaRAHandle:
         if not layers_per_step or layers_per_step >= len(active):
             return active, 1.0
         start = self._rank_cursor % len(active)
-        chosen = (active + active)[start:start + layers_per_step]
+        chosen = (active + active)[start : start + layers_per_step]
         self._rank_cursor = start + layers_per_step
         return chosen, len(active) / layers_per_step
 
@@ -169,8 +174,10 @@ class SaRAHandle:
     def state_dict(self) -> dict[str, Any]:
         """Everything SaRA holds beyond the pretrained model: per layer the ``SparseUpdate``'s
         state (selection, values, frozen entries, base fingerprint) and the rank-loss rotation."""
-        return {"layers": {name: update.state_dict() for name, update in self.layers.items()},
-                "rank_cursor": self._rank_cursor}
+        return {
+            "layers": {name: update.state_dict() for name, update in self.layers.items()},
+            "rank_cursor": self._rank_cursor,
+        }
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -184,12 +191,16 @@ class SaRAHandle:
         layers = state["layers"]
         if set(layers) != set(self.layers):
             missing, extra = sorted(set(self.layers) - set(layers)), sorted(set(layers) - set(self.layers))
-            raise SaRAError(f"the saved SaRA state does not match this model's layers: missing {missing[:3]}, "
-                            f"unexpected {extra[:3]}; it was saved for another model or other targets")
+            raise SaRAError(
+                f"the saved SaRA state does not match this model's layers: missing {missing[:3]}, "
+                f"unexpected {extra[:3]}; it was saved for another model or other targets"
+            )
         for name, update in self.layers.items():
             if not torch.equal(layers[name]["probe_values"].cpu(), update.probe_values.cpu()):
-                raise SaRAError(f"the saved SaRA state of layer {name!r} was trained on other base weights "
-                                f"(its fingerprint differs)")
+                raise SaRAError(
+                    f"the saved SaRA state of layer {name!r} was trained on other base weights "
+                    f"(its fingerprint differs)"
+                )
         for name, update in self.layers.items():
             weight = self.weight(name)
             update.restore_base_into(weight)
@@ -204,8 +215,13 @@ class SaRAHandle:
         layers = {}
         for name, update in self.layers.items():
             indices, deltas = update.sparse_delta()
-            layers[name] = LayerDelta(update.shape, indices.cpu(), deltas.to(dtype).cpu(),
-                                      update.probe_indices.cpu(), update.probe_values.cpu())
+            layers[name] = LayerDelta(
+                update.shape,
+                indices.cpu(),
+                deltas.to(dtype).cpu(),
+                update.probe_indices.cpu(),
+                update.probe_values.cpu(),
+            )
         selection = {"threshold": self.threshold, "budget": self.config.budget}
         return SparseDelta(layers, selection, metadata)
 
@@ -233,8 +249,9 @@ class SaRAHandle:
         self.removed = True
 
 
-def swap_optimizer_param(optimizer: torch.optim.Optimizer, old: torch.Tensor, new: torch.Tensor,
-                         keep: torch.Tensor) -> None:
+def swap_optimizer_param(
+    optimizer: torch.optim.Optimizer, old: torch.Tensor, new: torch.Tensor, keep: torch.Tensor
+) -> None:
     """Replace ``old`` by ``new`` (= ``old[keep]``) in ``optimizer``'s groups and move its state,
     slicing per-entry state tensors (shape ``old.shape``) with ``keep``; scalar state such as
     Adam's ``step`` is kept as is. A no-op if ``optimizer`` does not hold ``old``."""
@@ -244,4 +261,5 @@ def swap_optimizer_param(optimizer: torch.optim.Optimizer, old: torch.Tensor, ne
     if state:
         optimizer.state[new] = {
             key: value[keep.to(value.device)] if torch.is_tensor(value) and value.shape == old.shape else value
-            for key, value in state.items()}
+            for key, value in state.items()
+        }

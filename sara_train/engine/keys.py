@@ -1,4 +1,5 @@
 """Matching a delta's weight keys to the keys of a model, state dict or checkpoint file."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -22,8 +23,9 @@ def resolve_keys(delta_keys: Iterable[str], target_keys: Iterable[str], target_n
     added = sorted({target[: -len(probe)] for target in targets if target.endswith("." + probe)})
     added = [prefix for prefix in added if all(prefix + key in targets for key in delta_keys)]
     cuts = [i + 1 for i, char in enumerate(probe) if char == "."]
-    stripped = [probe[:cut] for cut in cuts
-                if all(key.startswith(probe[:cut]) and key[cut:] in targets for key in delta_keys)]
+    stripped = [
+        probe[:cut] for cut in cuts if all(key.startswith(probe[:cut]) and key[cut:] in targets for key in delta_keys)
+    ]
     if len(added) + len(stripped) == 1:
         if added:
             return {key: added[0] + key for key in delta_keys}
@@ -34,8 +36,10 @@ def resolve_keys(delta_keys: Iterable[str], target_keys: Iterable[str], target_n
         shown = ", ".join(options[:4]) + (f" and {len(options) - 4} more" if len(options) > 4 else "")
         raise DeltaMismatchError(
             f"the delta's {len(delta_keys)} keys fit {target_name} in {len(options)} places ({shown}): "
-            f"it is ambiguous which layers it is for; rename its keys to the full names")
+            f"it is ambiguous which layers it is for; rename its keys to the full names"
+        )
     missing = [key for key in delta_keys if key not in targets]
     raise DeltaMismatchError(
         f"{len(missing)} of {len(delta_keys)} delta keys are not in {target_name} (e.g. {missing[:3]}); "
-        f"the delta is for another model architecture or naming")
+        f"the delta is for another model architecture or naming"
+    )

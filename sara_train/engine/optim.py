@@ -7,6 +7,7 @@ zero (i.e. of the trained entries toward their pretrained values): each step fir
 shrink the absolute weights toward zero, pulling the pretrained model itself away. The default is
 0, so a step with a zero gradient leaves every weight unchanged.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,9 @@ from .errors import SaRAError
 from .handle import SaRAHandle, inject
 
 
-def check_hyperparameters(lr: float, weight_decay: float, rank_weight: float, rank_layers_per_step: int | None,
-                          progressive_at: int | None) -> None:
+def check_hyperparameters(
+    lr: float, weight_decay: float, rank_weight: float, rank_layers_per_step: int | None, progressive_at: int | None
+) -> None:
     """Raise ``SaRAError`` naming the first value that is not finite or out of range."""
     for name, value in (("lr", lr), ("weight_decay", weight_decay), ("rank_weight", rank_weight)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -47,10 +49,20 @@ class SaRAAdamW(torch.optim.AdamW):
     after injection the model is restored, so a failure leaves ``model`` as it was.
     """
 
-    def __init__(self, model: nn.Module, lr: float = 1e-4, *, threshold: float | None = None,
-                 budget: float | int | None = None, rank_weight: float = 0.0,
-                 rank_layers_per_step: int | None = None, progressive_at: int | None = None,
-                 weight_decay: float = 0.0, config: SaRAConfig | None = None, **adamw_kwargs) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-4,
+        *,
+        threshold: float | None = None,
+        budget: float | int | None = None,
+        rank_weight: float = 0.0,
+        rank_layers_per_step: int | None = None,
+        progressive_at: int | None = None,
+        weight_decay: float = 0.0,
+        config: SaRAConfig | None = None,
+        **adamw_kwargs,
+    ) -> None:
         check_hyperparameters(lr, weight_decay, rank_weight, rank_layers_per_step, progressive_at)
         if config is None:
             config = SaRAConfig(threshold=threshold, budget=budget)

@@ -5,6 +5,7 @@ like the value, so the global k-th smallest |w| is found exactly with two histog
 weights (top 16 bits, then low 16 bits inside the one bucket that holds k), one tensor at a time and
 never concatenating the weights.
 """
+
 from __future__ import annotations
 
 import math
@@ -58,15 +59,19 @@ def find_targets(model: nn.Module, config: SaRAConfig) -> list[Target]:
             if param is None or id(param) in seen or not param.is_floating_point():
                 continue
             if param.numel() > INT32_MAX:
-                raise SaRAError(f"{module_name}.{param_name} has {param.numel()} entries; "
-                                "int32 flat indices address at most 2**31-1")
+                raise SaRAError(
+                    f"{module_name}.{param_name} has {param.numel()} entries; "
+                    "int32 flat indices address at most 2**31-1"
+                )
             seen.add(id(param))
             full_name = f"{module_name}.{param_name}" if module_name else param_name
             targets.append(Target(full_name, module, param_name))
     if not targets:
-        raise SaRAError(f"no tensors to train: no module matches target_types="
-                        f"{[t.__name__ for t in config.target_types]}, include={config.include}, "
-                        f"exclude={config.exclude}")
+        raise SaRAError(
+            f"no tensors to train: no module matches target_types="
+            f"{[t.__name__ for t in config.target_types]}, include={config.include}, "
+            f"exclude={config.exclude}"
+        )
     return targets
 
 
@@ -122,12 +127,12 @@ def budget_to_count(budget: float | int, total: int) -> int:
 
 def next_float_above(value: float) -> float:
     """The smallest float32 strictly greater than ``value`` (so ``|w| < result`` includes value)."""
-    return torch.nextafter(torch.tensor(value, dtype=torch.float32),
-                           torch.tensor(math.inf, dtype=torch.float32)).item()
+    return torch.nextafter(
+        torch.tensor(value, dtype=torch.float32), torch.tensor(math.inf, dtype=torch.float32)
+    ).item()
 
 
-def select_entries(weights: Mapping[str, torch.Tensor], config: SaRAConfig
-                   ) -> tuple[float, dict[str, torch.Tensor]]:
+def select_entries(weights: Mapping[str, torch.Tensor], config: SaRAConfig) -> tuple[float, dict[str, torch.Tensor]]:
     """Choose the trainable entries of each weight.
 
     Returns ``(threshold, flat_indices)``: every selected entry has ``|w| < threshold``;

@@ -9,6 +9,7 @@ then passed on as an alias, no copy. In backward the layer's usual weight gradie
 this one layer only, and ``_SparseWeight.backward`` keeps just the ``k`` selected entries of it:
 no dense gradient or optimizer state outlives the layer being back-propagated.
 """
+
 from __future__ import annotations
 
 import torch
@@ -66,12 +67,19 @@ class SparseUpdate(nn.Module):
     The weight itself is not part of this module: ``SaRAHandle.load_state_dict`` restores it.
     """
 
-    def __init__(self, weight: torch.Tensor, flat_indices: torch.Tensor,
-                 values_dtype: torch.dtype = torch.float32, probe_size: int = 4) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        flat_indices: torch.Tensor,
+        values_dtype: torch.dtype = torch.float32,
+        probe_size: int = 4,
+    ) -> None:
         super().__init__()
         if not weight.is_contiguous():
-            raise SaRAError("SaRA needs contiguous weights (got a non-contiguous tensor, e.g. "
-                            "channels_last); call model.to(memory_format=torch.contiguous_format)")
+            raise SaRAError(
+                "SaRA needs contiguous weights (got a non-contiguous tensor, e.g. "
+                "channels_last); call model.to(memory_format=torch.contiguous_format)"
+            )
         flat = weight.detach().reshape(-1)
         self.shape = tuple(weight.shape)
         self.register_buffer("flat_indices", flat_indices.to(device=weight.device, dtype=torch.int32))
@@ -142,8 +150,9 @@ class SparseUpdate(nn.Module):
         self._synced_version = None
         self.write_values_into(weight)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
         """Resize buffers and ``values`` to the saved sizes first, so ``load_state_dict`` accepts a
         state saved after re-selection (the shapes of the trainable and frozen sets change)."""
         for name, buffer in list(self._buffers.items()):
@@ -152,10 +161,13 @@ class SparseUpdate(nn.Module):
                 self._buffers[name] = torch.empty(saved.shape, dtype=buffer.dtype, device=buffer.device)
         saved = state_dict.get(prefix + "values")
         if saved is not None and saved.shape != self.values.shape:
-            self.values = nn.Parameter(torch.empty(saved.shape, dtype=self.values.dtype, device=self.values.device),
-                                       requires_grad=self.values.requires_grad)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+            self.values = nn.Parameter(
+                torch.empty(saved.shape, dtype=self.values.dtype, device=self.values.device),
+                requires_grad=self.values.requires_grad,
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         self._synced_version = None
 
     @torch.no_grad()

@@ -5,6 +5,7 @@ layouts. Importing this package registers every family's key naming with the eng
     sd_unet.py           Stable Diffusion 1.x/2.x/XL UNets: diffusers <-> original (LDM/ComfyUI) names
     diffusers_folder.py  merging deltas into a diffusers pipeline folder (shards, variants)
 """
+
 from ..engine.apply import register_naming
 from .sd_unet import StableDiffusionUNetNaming
 

@@ -5,6 +5,7 @@ are one ``.safetensors`` file or shards named by a ``*.safetensors.index.json``,
 variants (``diffusion_pytorch_model.fp16.safetensors``). Deltas are fitted to the UNet's diffusers
 names through the engine's delta path, whatever naming they carry.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,25 +34,14 @@ def check_new_folder(out: Path, base: Path) -> None:
         raise SaRAError(f"output folder {out} is inside the base folder {base}; write the merged folder elsewhere")
 
 
-def merge_single_file(base: Path, deltas: Sequence[SparseDelta], strengths: Sequence[float], out: Path,
-                      check_base: bool = True, overwrite: bool = False, allow_repeat: bool = False) -> Path:
-    """Stream ``base`` (single-file .safetensors) plus the deltas into ``out``, atomically.
-
-    A delta whose keys do not match the checkpoint is renamed between diffusers and LDM naming,
-    the UNet layout being read off the checkpoint's ``model.diffusion_model.*`` keys.
-    """
-    header = read_safetensors_header(base)
-    try:
-        layout = unet_layout_from_ldm_keys(header.tensors)
-    except SaRAError:  # not a Stable Diffusion checkpoint: keys can still match as they are
-        layout = None
-    naming = None if layout is None else "ldm"
-    matched = [delta_for_unet(delta, header.tensors, f"checkpoint {base}", naming, layout) for delta in deltas]
-    return merge_checkpoint(base, matched, out, list(strengths), check_base, overwrite, allow_repeat)
-
-
-def merge_diffusers_folder(base: Path, deltas: Sequence[SparseDelta], strengths: Sequence[float], out: Path,
-                           check_base: bool = True, allow_repeat: bool = False) -> Path:
+def merge_diffusers_folder(
+    base: Path,
+    deltas: Sequence[SparseDelta],
+    strengths: Sequence[float],
+    out: Path,
+    check_base: bool = True,
+    allow_repeat: bool = False,
+) -> Path:
     """Write a new diffusers folder ``out``: ``base`` with the deltas merged into its UNet weights.
 
     Every complete copy of the UNet weights in ``base/unet`` (one file, or the shards of one
@@ -72,8 +62,15 @@ def merge_diffusers_folder(base: Path, deltas: Sequence[SparseDelta], strengths:
         shapes = {key: header.tensors[key].shape for key, header in owner.items()}
         matched = [fit_delta(delta, shapes, f"UNet weights {group[0]}") for delta in deltas]
         for header in headers:
-            plan.append((header.path, [SparseDelta({k: v for k, v in d.layers.items() if owner[k] is header},
-                                                   d.selection, d.metadata) for d in matched]))
+            plan.append(
+                (
+                    header.path,
+                    [
+                        SparseDelta({k: v for k, v in d.layers.items() if owner[k] is header}, d.selection, d.metadata)
+                        for d in matched
+                    ],
+                )
+            )
     merged_names = {path.name for path, _ in plan}
 
     def skip_unet_weights(folder: Path, name: str) -> bool:
@@ -88,8 +85,9 @@ def merge_diffusers_folder(base: Path, deltas: Sequence[SparseDelta], strengths:
         copy_folder(base, temp, skip_unet_weights)
         for path, parts in plan:
             if any(part.layers for part in parts):
-                merge_checkpoint(path, parts, temp / "unet" / path.name, list(strengths), check_base,
-                                 allow_repeat=allow_repeat)
+                merge_checkpoint(
+                    path, parts, temp / "unet" / path.name, list(strengths), check_base, allow_repeat=allow_repeat
+                )
             else:
                 shutil.copy2(path, temp / "unet" / path.name)
         os.replace(temp, out)
@@ -104,11 +102,13 @@ def copy_folder(source: Path, target: Path, skip: Callable[[Path, str], bool]) -
     Hugging Face snapshot is made of them) but refusing a link back into a folder being copied;
     ``skip(resolved folder, name)`` leaves entries out. Raises ``SaRAError`` for a link loop or an
     unreadable or unwritable entry."""
+
     def copy(folder: Path, into: Path, ancestors: frozenset[Path]) -> None:
         resolved = folder.resolve()
         if resolved in ancestors:
-            raise SaRAError(f"{folder} links back to a folder that contains it (a symbolic-link loop); "
-                            f"sara-train will not copy it")
+            raise SaRAError(
+                f"{folder} links back to a folder that contains it (a symbolic-link loop); sara-train will not copy it"
+            )
         for entry in sorted(folder.iterdir()):
             if skip(resolved, entry.name):
                 continue

@@ -26,6 +26,7 @@ Inside a resnet the sub-modules are renamed (``in_layers.0`` = ``norm1``, ``in_l
 LDM keys here are bare (``input_blocks.1.1.proj_in.weight``); checkpoints prefix them with
 ``model.diffusion_model.`` and ComfyUI models with ``diffusion_model.``.
 """
+
 from __future__ import annotations
 
 import re
@@ -45,19 +46,38 @@ DOWN_BLOCK_ATTENTION = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
 UP_BLOCK_ATTENTION = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
 MID_BLOCK_TYPE = "UNetMidBlock2DCrossAttn"
 
-RESNET_PARTS = (("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("time_emb_proj.", "emb_layers.1."),
-                ("norm2.", "out_layers.0."), ("conv2.", "out_layers.3."), ("conv_shortcut.", "skip_connection."))
+RESNET_PARTS = (
+    ("norm1.", "in_layers.0."),
+    ("conv1.", "in_layers.2."),
+    ("time_emb_proj.", "emb_layers.1."),
+    ("norm2.", "out_layers.0."),
+    ("conv2.", "out_layers.3."),
+    ("conv_shortcut.", "skip_connection."),
+)
 """(diffusers, LDM) names of a resnet's sub-modules."""
 
-SINGLE_MODULES = (("conv_in.", "input_blocks.0.0."), ("time_embedding.linear_1.", "time_embed.0."),
-                  ("time_embedding.linear_2.", "time_embed.2."), ("add_embedding.linear_1.", "label_emb.0.0."),
-                  ("add_embedding.linear_2.", "label_emb.0.2."), ("conv_norm_out.", "out.0."),
-                  ("conv_out.", "out.2."))
+SINGLE_MODULES = (
+    ("conv_in.", "input_blocks.0.0."),
+    ("time_embedding.linear_1.", "time_embed.0."),
+    ("time_embedding.linear_2.", "time_embed.2."),
+    ("add_embedding.linear_1.", "label_emb.0.0."),
+    ("add_embedding.linear_2.", "label_emb.0.2."),
+    ("conv_norm_out.", "out.0."),
+    ("conv_out.", "out.2."),
+)
 """(diffusers, LDM) prefixes of the modules outside the block lists."""
 
 LDM_TOP_LEVEL = {"input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out"}
-DIFFUSERS_TOP_LEVEL = {"down_blocks", "mid_block", "up_blocks", "conv_in", "conv_norm_out", "conv_out",
-                       "time_embedding", "add_embedding"}
+DIFFUSERS_TOP_LEVEL = {
+    "down_blocks",
+    "mid_block",
+    "up_blocks",
+    "conv_in",
+    "conv_norm_out",
+    "conv_out",
+    "time_embedding",
+    "add_embedding",
+}
 
 ModuleKind = Literal["resnet", "attention", "leaf"]
 
@@ -94,17 +114,22 @@ def unet_module_names(unet_config: Mapping[str, Any]) -> list[ModuleName]:
         for layer in range(layers[block]):
             names.append(ModuleName(f"down_blocks.{block}.resnets.{layer}.", f"input_blocks.{index}.0.", "resnet"))
             if has_attention:
-                names.append(ModuleName(f"down_blocks.{block}.attentions.{layer}.",
-                                        f"input_blocks.{index}.1.", "attention"))
+                names.append(
+                    ModuleName(f"down_blocks.{block}.attentions.{layer}.", f"input_blocks.{index}.1.", "attention")
+                )
             index += 1
         if block < len(down_types) - 1:
-            names.append(ModuleName(f"down_blocks.{block}.downsamplers.0.conv.", f"input_blocks.{index}.0.op.", "leaf"))
+            names.append(
+                ModuleName(f"down_blocks.{block}.downsamplers.0.conv.", f"input_blocks.{index}.0.op.", "leaf")
+            )
             index += 1
     mid_type = unet_config.get("mid_block_type", MID_BLOCK_TYPE)
     if mid_type == MID_BLOCK_TYPE:
-        names += [ModuleName("mid_block.resnets.0.", "middle_block.0.", "resnet"),
-                  ModuleName("mid_block.attentions.0.", "middle_block.1.", "attention"),
-                  ModuleName("mid_block.resnets.1.", "middle_block.2.", "resnet")]
+        names += [
+            ModuleName("mid_block.resnets.0.", "middle_block.0.", "resnet"),
+            ModuleName("mid_block.attentions.0.", "middle_block.1.", "attention"),
+            ModuleName("mid_block.resnets.1.", "middle_block.2.", "resnet"),
+        ]
     elif mid_type is not None:
         raise SaRAError(f"UNet mid block type {mid_type!r} has no LDM naming (expected {MID_BLOCK_TYPE!r} or None)")
     index = 0
@@ -113,13 +138,17 @@ def unet_module_names(unet_config: Mapping[str, Any]) -> list[ModuleName]:
         for layer in range(layers[len(up_types) - 1 - block] + 1):
             names.append(ModuleName(f"up_blocks.{block}.resnets.{layer}.", f"output_blocks.{index}.0.", "resnet"))
             if has_attention:
-                names.append(ModuleName(f"up_blocks.{block}.attentions.{layer}.",
-                                        f"output_blocks.{index}.1.", "attention"))
+                names.append(
+                    ModuleName(f"up_blocks.{block}.attentions.{layer}.", f"output_blocks.{index}.1.", "attention")
+                )
             index += 1
         if block < len(up_types) - 1:
             position = 2 if has_attention else 1
-            names.append(ModuleName(f"up_blocks.{block}.upsamplers.0.conv.",
-                                    f"output_blocks.{index - 1}.{position}.conv.", "leaf"))
+            names.append(
+                ModuleName(
+                    f"up_blocks.{block}.upsamplers.0.conv.", f"output_blocks.{index - 1}.{position}.conv.", "leaf"
+                )
+            )
     return names
 
 
@@ -139,7 +168,7 @@ def strip_ldm_prefix(key: str) -> str:
     """``key`` without a leading ``model.diffusion_model.`` or ``diffusion_model.``."""
     for prefix in LDM_UNET_PREFIXES:
         if key.startswith(prefix):
-            return key[len(prefix):]
+            return key[len(prefix) :]
     return key
 
 
@@ -175,18 +204,24 @@ def unet_layout_from_ldm_keys(keys: Iterable[str]) -> dict[str, Any]:
         else:
             levels[-1].append(index)
     layers = [len(level) for level in levels]
-    down_types = ["CrossAttnDownBlock2D" if any(f"input_blocks.{i}.1.proj_in.weight" in bare for i in level)
-                  else "DownBlock2D" for level in levels]
+    down_types = [
+        "CrossAttnDownBlock2D" if any(f"input_blocks.{i}.1.proj_in.weight" in bare for i in level) else "DownBlock2D"
+        for level in levels
+    ]
     up_types = []
     first = 0
     for up_layers in reversed(layers):
         blocks = range(first, first + up_layers + 1)
-        up_types.append("CrossAttnUpBlock2D" if any(f"output_blocks.{i}.1.proj_in.weight" in bare for i in blocks)
-                        else "UpBlock2D")
+        up_types.append(
+            "CrossAttnUpBlock2D" if any(f"output_blocks.{i}.1.proj_in.weight" in bare for i in blocks) else "UpBlock2D"
+        )
         first += up_layers + 1
-    layout = {"layers_per_block": layers[0] if len(set(layers)) == 1 else layers,
-              "down_block_types": down_types, "up_block_types": up_types,
-              "mid_block_type": MID_BLOCK_TYPE if any(k.startswith("middle_block.") for k in bare) else None}
+    layout = {
+        "layers_per_block": layers[0] if len(set(layers)) == 1 else layers,
+        "down_block_types": down_types,
+        "up_block_types": up_types,
+        "mid_block_type": MID_BLOCK_TYPE if any(k.startswith("middle_block.") for k in bare) else None,
+    }
     try:
         ldm_to_diffusers_unet_keys(bare, layout)
     except SaRAError as exc:
@@ -230,11 +265,12 @@ def unet_layout_from_diffusers_keys(keys: Iterable[str]) -> dict[str, Any]:
         return any(k.startswith(f"{kind}.{block}.attentions.") for k in keys)
 
     layers = [count(f"down_blocks.{b}.resnets.") for b in downs]
-    layout = {"layers_per_block": layers[0] if len(set(layers)) == 1 else layers,
-              "down_block_types": ["CrossAttnDownBlock2D" if attention("down_blocks", b) else "DownBlock2D"
-                                   for b in downs],
-              "up_block_types": ["CrossAttnUpBlock2D" if attention("up_blocks", b) else "UpBlock2D" for b in ups],
-              "mid_block_type": MID_BLOCK_TYPE if any(k.startswith("mid_block.") for k in keys) else None}
+    layout = {
+        "layers_per_block": layers[0] if len(set(layers)) == 1 else layers,
+        "down_block_types": ["CrossAttnDownBlock2D" if attention("down_blocks", b) else "DownBlock2D" for b in downs],
+        "up_block_types": ["CrossAttnUpBlock2D" if attention("up_blocks", b) else "UpBlock2D" for b in ups],
+        "mid_block_type": MID_BLOCK_TYPE if any(k.startswith("mid_block.") for k in keys) else None,
+    }
     try:
         diffusers_to_ldm_unet_keys(keys, layout)
     except SaRAError as exc:
@@ -272,10 +308,13 @@ class StableDiffusionUNetNaming:
         if delta_naming is None or target_naming is None or target_naming == delta_naming:
             return None
         try:
-            renamed = (diffusers_to_ldm_unet_keys if target_naming == "ldm" else ldm_to_diffusers_unet_keys)(delta, layout)
+            renamed = (diffusers_to_ldm_unet_keys if target_naming == "ldm" else ldm_to_diffusers_unet_keys)(
+                delta, layout
+            )
         except SaRAError as exc:
-            raise DeltaMismatchError(f"the delta does not fit the target's UNet: {exc}; the delta is for another "
-                                     f"model architecture") from None
+            raise DeltaMismatchError(
+                f"the delta does not fit the target's UNet: {exc}; the delta is for another model architecture"
+            ) from None
         mapping = resolve_keys(renamed.values(), target, "the target's UNet")
         return {key: whole(mapping[renamed[key]], shape) for key, shape in delta.items()}
 
@@ -295,16 +334,18 @@ def rename_delta_keys(delta: SparseDelta, mapping: Mapping[str, str]) -> SparseD
 def _rename(keys: Iterable[str], unet_config: Mapping[str, Any], to_ldm: bool) -> dict[str, str]:
     names = unet_module_names(unet_config)
     by_prefix = {(name.diffusers if to_ldm else name.ldm): name for name in names}
-    parts = {(d if to_ldm else l): (l if to_ldm else d) for d, l in RESNET_PARTS}
+    parts = {(ours if to_ldm else ldm): (ldm if to_ldm else ours) for ours, ldm in RESNET_PARTS}
     source_naming = "diffusers" if to_ldm else "LDM"
     mapping = {}
     for key in keys:
         bare = key if to_ldm else strip_ldm_prefix(key)
         renamed = _rename_key(bare, by_prefix, parts, to_ldm)
         if renamed is None:
-            raise SaRAError(f"UNet key {key!r} has no counterpart in the other naming: not a {source_naming} "
-                            f"UNet key of a model with down blocks {list(unet_config['down_block_types'])} "
-                            f"and layers_per_block={unet_config['layers_per_block']}")
+            raise SaRAError(
+                f"UNet key {key!r} has no counterpart in the other naming: not a {source_naming} "
+                f"UNet key of a model with down blocks {list(unet_config['down_block_types'])} "
+                f"and layers_per_block={unet_config['layers_per_block']}"
+            )
         mapping[key] = renamed
     return mapping
 

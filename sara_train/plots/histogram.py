@@ -1,5 +1,6 @@
 """The |w| histogram with SaRA's thresholds, as an image (the paper's Fig. 2a): ``sara-train
 analyze`` writes it, the SaRA Inspect node shows it."""
+
 from __future__ import annotations
 
 import math
@@ -8,8 +9,9 @@ import torch
 from PIL import Image, ImageDraw
 
 
-def draw_histogram(edges: torch.Tensor, counts: torch.Tensor, thresholds: dict[str, float],
-                   size: tuple[int, int] = (640, 360)) -> Image.Image:
+def draw_histogram(
+    edges: torch.Tensor, counts: torch.Tensor, thresholds: dict[str, float], size: tuple[int, int] = (640, 360)
+) -> Image.Image:
     """The histogram as bars (height ∝ count) with a labelled vertical line per threshold."""
     width, height = size
     margin = 30
@@ -26,7 +28,7 @@ def draw_histogram(edges: torch.Tensor, counts: torch.Tensor, thresholds: dict[s
         draw.line([x, height - margin, x, height - margin + 4], fill="black")
         draw.text((x - 10, height - margin + 6), f"1e{exponent}", fill="black")
     for row, (label, threshold) in enumerate(thresholds.items()):
-        x = x_of(math.log10(max(threshold, 10.0 ** low)))
+        x = x_of(math.log10(max(threshold, 10.0**low)))
         draw.line([x, margin, x, height - margin], fill=(200, 40, 40), width=2)
         draw.text((x + 4, margin + 14 * row), f"{label}: {threshold:.3g}", fill=(200, 40, 40))
     draw.text((margin, 8), "|w| of targeted weights (log scale) and SaRA thresholds", fill="black")

@@ -1,4 +1,5 @@
 """The training-loss plot (raw and smoothed) that ``sara-train train`` and the demo write."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ def smoothed(values: list[float], factor: float = SMOOTHING) -> list[float]:
     result, average = [], 0.0
     for i, value in enumerate(values, start=1):
         average = factor * average + (1 - factor) * value
-        result.append(average / (1 - factor ** i))
+        result.append(average / (1 - factor**i))
     return result
 
 

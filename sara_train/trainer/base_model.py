@@ -5,6 +5,7 @@ scheduler training uses, and the two encoders the latent cache needs (``encode_p
 ``encode_images``). Offline only: configs come from the folder itself, from ``config_dir``, or from
 the local Hugging Face cache; nothing is downloaded and nothing is unpickled.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -98,10 +99,11 @@ class BaseModel:
         device = self.text_encoders[0].device
         embeddings: list[PromptEmbedding] = []
         for start in range(0, len(prompts), PROMPT_BATCH):
-            batch = list(prompts[start:start + PROMPT_BATCH])
+            batch = list(prompts[start : start + PROMPT_BATCH])
             if self.kind == "sdxl":
-                states, _, pooled, _ = pipe.encode_prompt(batch, device=device, num_images_per_prompt=1,
-                                                          do_classifier_free_guidance=False)
+                states, _, pooled, _ = pipe.encode_prompt(
+                    batch, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+                )
                 embeddings += [PromptEmbedding(s, p) for s, p in zip(states, pooled)]
             else:
                 states, _ = pipe.encode_prompt(batch, device, 1, False)
@@ -120,18 +122,27 @@ class BaseModel:
         """
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         if pixels.dim() != 4 or pixels.shape[1] != 3 or pixels.shape[2] % factor or pixels.shape[3] % factor:
-            raise SaRAError(f"encode_images needs pixels of shape [B, 3, H, W] with H and W divisible by "
-                            f"{factor}, got {tuple(pixels.shape)}")
+            raise SaRAError(
+                f"encode_images needs pixels of shape [B, 3, H, W] with H and W divisible by "
+                f"{factor}, got {tuple(pixels.shape)}"
+            )
         if pixels.numel() and (float(pixels.min()) < -1.001 or float(pixels.max()) > 1.001):
-            raise SaRAError(f"encode_images needs pixels in [-1, 1], got values in "
-                            f"[{float(pixels.min()):.3g}, {float(pixels.max()):.3g}]")
+            raise SaRAError(
+                f"encode_images needs pixels in [-1, 1], got values in "
+                f"[{float(pixels.min()):.3g}, {float(pixels.max()):.3g}]"
+            )
         latents = self.vae.encode(pixels.to(self.vae.device, self.vae.dtype)).latent_dist.mean.float()
         shift = self.vae.config.get("shift_factor") or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
 
 
-def load_base(path: str | os.PathLike, *, config_dir: str | os.PathLike | None = None,
-              dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> BaseModel:
+def load_base(
+    path: str | os.PathLike,
+    *,
+    config_dir: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> BaseModel:
     """Load a Stable Diffusion 1.x / 2.x / XL base model, offline.
 
     ``path``: a diffusers folder (with model_index.json) or a single-file ``.safetensors``
@@ -152,13 +163,17 @@ def load_base(path: str | os.PathLike, *, config_dir: str | os.PathLike | None =
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     kind = detect_kind(pipe)
-    return BaseModel(kind=kind, diffusers_pipeline=pipe,
-                     noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config), source=source,
-                     fingerprint=encoder_fingerprint(pipe, kind))
+    return BaseModel(
+        kind=kind,
+        diffusers_pipeline=pipe,
+        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        source=source,
+        fingerprint=encoder_fingerprint(pipe, kind),
+    )
 
 
 def detect_kind(pipe: DiffusionPipeline) -> BaseKind:
-    """"sdxl" with two text encoders or SDXL's ``text_time`` conditioning; else "sd2" when the
+    """ "sdxl" with two text encoders or SDXL's ``text_time`` conditioning; else "sd2" when the
     UNet's transformers project linearly (SD2.x does; SD1.x uses 1x1 convolutions); else "sd1"."""
     config = pipe.unet.config
     if len(_text_components(pipe, "text_encoder")) == 2 or config.get("addition_embed_type") == "text_time":
@@ -173,8 +188,9 @@ def encoder_fingerprint(pipe: DiffusionPipeline, kind: str) -> str:
     digest = hashlib.sha256(kind.encode())
     vae_config = pipe.vae.config
     digest.update(f"{vae_config.scaling_factor}:{vae_config.get('shift_factor')}".encode())
-    modules = [("vae", pipe.vae)] + [(f"text_encoder_{i}", m) for i, m in
-                                     enumerate(_text_components(pipe, "text_encoder"))]
+    modules = [("vae", pipe.vae)] + [
+        (f"text_encoder_{i}", m) for i, m in enumerate(_text_components(pipe, "text_encoder"))
+    ]
     for module_name, module in modules:
         digest.update(f"{module_name}:{type(module).__name__}".encode())
         for key, tensor in module.state_dict().items():
@@ -201,8 +217,10 @@ def _pipeline_class(folder: Path) -> type[DiffusionPipeline]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SaRAError(f"{index_path}: not a valid model_index.json ({exc})") from None
     if class_name not in PIPELINE_CLASSES:
-        raise SaRAError(f"{folder} holds a {class_name}; sara-train fine-tunes Stable Diffusion 1.x/2.x/XL "
-                        f"({' or '.join(PIPELINE_CLASSES)})")
+        raise SaRAError(
+            f"{folder} holds a {class_name}; sara-train fine-tunes Stable Diffusion 1.x/2.x/XL "
+            f"({' or '.join(PIPELINE_CLASSES)})"
+        )
     return PIPELINE_CLASSES[class_name]
 
 
@@ -216,17 +234,21 @@ def _pipeline_options(pipeline_class: type[DiffusionPipeline]) -> dict[str, Any]
 def _load_folder(folder: Path, dtype: torch.dtype) -> DiffusionPipeline:
     pipeline_class = _pipeline_class(folder)
     try:
-        return pipeline_class.from_pretrained(folder, dtype=dtype, use_safetensors=True,
-                                              local_files_only=True, **_pipeline_options(pipeline_class))
+        return pipeline_class.from_pretrained(
+            folder, dtype=dtype, use_safetensors=True, local_files_only=True, **_pipeline_options(pipeline_class)
+        )
     except LOAD_ERRORS as exc:
-        raise SaRAError(f"cannot load the diffusers folder {folder}: {exc} (sara-train reads .safetensors "
-                        f"weights only)") from None
+        raise SaRAError(
+            f"cannot load the diffusers folder {folder}: {exc} (sara-train reads .safetensors weights only)"
+        ) from None
 
 
 def _load_single_file(path: Path, config_dir: Path | None, dtype: torch.dtype) -> DiffusionPipeline:
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise SaRAError(f"{path} is a pickle-based checkpoint ({path.suffix}); sara-train never unpickles "
-                        f"files. Convert it to .safetensors with a tool you trust")
+        raise SaRAError(
+            f"{path} is a pickle-based checkpoint ({path.suffix}); sara-train never unpickles "
+            f"files. Convert it to .safetensors with a tool you trust"
+        )
     if path.suffix.lower() != ".safetensors":
         raise SaRAError(f"{path}: expected a diffusers folder or a .safetensors checkpoint")
     header = read_safetensors_header(path)
@@ -235,12 +257,19 @@ def _load_single_file(path: Path, config_dir: Path | None, dtype: torch.dtype) -
         raise SaRAError(f"--base-config {config_folder}: no such folder")
     pipeline_class = _pipeline_class(config_folder)
     try:
-        return pipeline_class.from_single_file(str(path), config=str(config_folder), dtype=dtype,
-                                               local_files_only=True, **_pipeline_options(pipeline_class))
+        return pipeline_class.from_single_file(
+            str(path),
+            config=str(config_folder),
+            dtype=dtype,
+            local_files_only=True,
+            **_pipeline_options(pipeline_class),
+        )
     except LOAD_ERRORS as exc:
         cause = f"it has no tensor {exc}" if isinstance(exc, KeyError) else str(exc)
-        raise SaRAError(f"cannot load {path} as a {pipeline_class.__name__} with the configs of {config_folder} "
-                        f"({cause}); is that folder the checkpoint's architecture?") from None
+        raise SaRAError(
+            f"cannot load {path} as a {pipeline_class.__name__} with the configs of {config_folder} "
+            f"({cause}); is that folder the checkpoint's architecture?"
+        ) from None
 
 
 def _cached_config_folder(path: Path, header: SafetensorsHeader) -> Path:
@@ -255,6 +284,8 @@ def _cached_config_folder(path: Path, header: SafetensorsHeader) -> Path:
     try:
         return Path(snapshot_download(repo_id, local_files_only=True))
     except (LocalEntryNotFoundError, OSError, ValueError):
-        raise SaRAError(f"{path}: single-file checkpoints need their diffusers config and none was found "
-                        f"offline (looked for {repo_id} in the local Hugging Face cache); pass --base-config "
-                        f"<local diffusers folder of the same architecture>") from None
+        raise SaRAError(
+            f"{path}: single-file checkpoints need their diffusers config and none was found "
+            f"offline (looked for {repo_id} in the local Hugging Face cache); pass --base-config "
+            f"<local diffusers folder of the same architecture>"
+        ) from None

@@ -21,6 +21,7 @@ bit-identical; a change to any of these re-encodes only the images it touches. F
 used are left in place and may be deleted at any time. A cache file that cannot be read
 (truncated, not safetensors, wrong contents) is re-encoded with a warning.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -78,11 +79,23 @@ def data_fingerprint(items: Sequence[DatasetItem], image_hashes: Sequence[str]) 
     return digest.hexdigest()[:16]
 
 
-def build_examples(items: Sequence[DatasetItem], *, resolution: int, crop: CropMode, flip: bool,
-                   random_crop_variants: int, encode_images: ImageEncoder, encode_prompts: PromptEncoder,
-                   model_fingerprint: str, cache_dir: Path | None, batch_size: int = 4, seed: int = 0,
-                   with_time_ids: bool = False, progress: bool = True,
-                   image_hashes: Sequence[str] | None = None) -> list[TrainingExample]:
+def build_examples(
+    items: Sequence[DatasetItem],
+    *,
+    resolution: int,
+    crop: CropMode,
+    flip: bool,
+    random_crop_variants: int,
+    encode_images: ImageEncoder,
+    encode_prompts: PromptEncoder,
+    model_fingerprint: str,
+    cache_dir: Path | None,
+    batch_size: int = 4,
+    seed: int = 0,
+    with_time_ids: bool = False,
+    progress: bool = True,
+    image_hashes: Sequence[str] | None = None,
+) -> list[TrainingExample]:
     """Encode (or read from ``cache_dir``) every view of every image; see the module docstring.
 
     ``encode_images`` gets float32 CPU pixels [B, 3, R, R] in [-1, 1] (B <= ``batch_size``) and
@@ -110,8 +123,12 @@ def build_examples(items: Sequence[DatasetItem], *, resolution: int, crop: CropM
     view_options = {"resolution": resolution, "crop": crop, "flip": flip}
     if crop == "random":
         view_options |= {"crops": crop_count, "seed": seed}
-    cache_paths = [cache_dir / f"{_cache_key(image_hash, item.caption, view_options, model_fingerprint)}.safetensors"
-                   if cache_dir is not None else None for item, image_hash in zip(items, image_hashes)]
+    cache_paths = [
+        cache_dir / f"{_cache_key(image_hash, item.caption, view_options, model_fingerprint)}.safetensors"
+        if cache_dir is not None
+        else None
+        for item, image_hash in zip(items, image_hashes)
+    ]
 
     encoded: dict[int, EncodedImage] = {}
     for index, path in enumerate(cache_paths):
@@ -124,25 +141,36 @@ def build_examples(items: Sequence[DatasetItem], *, resolution: int, crop: CropM
     validate_images([items[index] for index in missing])
 
     prompts = {items[index].caption: entry.prompt for index, entry in encoded.items()}
-    new_captions = list(dict.fromkeys(caption for caption in (items[index].caption for index in missing)
-                                      if caption not in prompts))
+    new_captions = list(
+        dict.fromkeys(caption for caption in (items[index].caption for index in missing) if caption not in prompts)
+    )
     prompts |= _encode_captions(new_captions, encode_prompts, batch_size)
 
     def store(index: int, views: list[LoadedImage], latents: torch.Tensor) -> None:
-        time_ids = torch.tensor([[*view.original_size, *view.crop_top_left, resolution, resolution]
-                                 for view in views], dtype=torch.float32)
+        time_ids = torch.tensor(
+            [[*view.original_size, *view.crop_top_left, resolution, resolution] for view in views], dtype=torch.float32
+        )
         entry = EncodedImage(latents, time_ids, prompts[items[index].caption])
         if cache_paths[index] is not None:
             _write_entry(cache_paths[index], entry, items[index])
         encoded[index] = entry
 
-    views_of = ((index, load_image_variants(items[index].image_path, resolution, crop, crop_count, flip,
-                                            _crop_generator(seed, image_hashes[index]))) for index in missing)
+    views_of = (
+        (
+            index,
+            load_image_variants(
+                items[index].image_path, resolution, crop, crop_count, flip, _crop_generator(seed, image_hashes[index])
+            ),
+        )
+        for index in missing
+    )
     _encode_views(views_of, len(missing), encode_images, batch_size, progress, store)
 
-    return [TrainingExample(latents, prompts[items[index].caption], time_ids if with_time_ids else None)
-            for index in range(len(items))
-            for latents, time_ids in zip(encoded[index].latents, encoded[index].time_ids)]
+    return [
+        TrainingExample(latents, prompts[items[index].caption], time_ids if with_time_ids else None)
+        for index in range(len(items))
+        for latents, time_ids in zip(encoded[index].latents, encoded[index].time_ids)
+    ]
 
 
 def _crop_generator(seed: int, image_hash: str) -> torch.Generator:
@@ -151,33 +179,46 @@ def _crop_generator(seed: int, image_hash: str) -> torch.Generator:
 
 
 def _cache_key(image_hash: str, caption: str, view_options: dict, model_fingerprint: str) -> str:
-    fields = {"format": CACHE_FORMAT, "image_sha256": image_hash, "caption": caption,
-              "views": view_options, "model": model_fingerprint}
+    fields = {
+        "format": CACHE_FORMAT,
+        "image_sha256": image_hash,
+        "caption": caption,
+        "views": view_options,
+        "model": model_fingerprint,
+    }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-def _encode_captions(captions: list[str], encode_prompts: PromptEncoder,
-                     batch_size: int) -> dict[str, PromptEmbedding]:
+def _encode_captions(
+    captions: list[str], encode_prompts: PromptEncoder, batch_size: int
+) -> dict[str, PromptEmbedding]:
     """Encode each caption once, ``batch_size`` at a time; results on the CPU."""
     prompts: dict[str, PromptEmbedding] = {}
     for start in range(0, len(captions), batch_size):
-        batch = captions[start:start + batch_size]
+        batch = captions[start : start + batch_size]
         with torch.no_grad():
             embeddings = list(encode_prompts(batch))
         if len(embeddings) != len(batch):
             raise SaRAError(f"encode_prompts returned {len(embeddings)} embeddings for {len(batch)} captions")
         for caption, embedding in zip(batch, embeddings):
             if embedding.hidden_states.ndim != 2:
-                raise SaRAError(f"encode_prompts returned hidden_states of shape "
-                                f"{tuple(embedding.hidden_states.shape)} for {caption!r}; expected [tokens, width]")
+                raise SaRAError(
+                    f"encode_prompts returned hidden_states of shape "
+                    f"{tuple(embedding.hidden_states.shape)} for {caption!r}; expected [tokens, width]"
+                )
             pooled = embedding.pooled.detach().cpu().contiguous() if embedding.pooled is not None else None
             prompts[caption] = PromptEmbedding(embedding.hidden_states.detach().cpu().contiguous(), pooled)
     return prompts
 
 
-def _encode_views(views_of: Iterable[tuple[int, list[LoadedImage]]], image_count: int,
-                  encode_images: ImageEncoder, batch_size: int, progress: bool,
-                  store: Callable[[int, list[LoadedImage], torch.Tensor], None]) -> None:
+def _encode_views(
+    views_of: Iterable[tuple[int, list[LoadedImage]]],
+    image_count: int,
+    encode_images: ImageEncoder,
+    batch_size: int,
+    progress: bool,
+    store: Callable[[int, list[LoadedImage], torch.Tensor], None],
+) -> None:
     """Encode the views of ``image_count`` images, given as ``(index, views)`` pairs, in batches of
     ``batch_size`` views (a batch may span images); ``store(index, views, latents [V, C, h, w])`` is
     called for each image as soon as all its views are encoded."""
@@ -185,13 +226,16 @@ def _encode_views(views_of: Iterable[tuple[int, list[LoadedImage]]], image_count
     batch: list[tuple[int, torch.Tensor]] = []
     show = progress and image_count > 0
     with tqdm(total=image_count, desc="caching latents", unit="image", disable=not show) as bar:
+
         def flush() -> None:
             with torch.no_grad():
                 latents = encode_images(torch.stack([pixels for _, pixels in batch]))
             if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[0] != len(batch):
                 shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-                raise SaRAError(f"encode_images returned {shape} for a batch of {len(batch)} images; "
-                                f"expected [{len(batch)}, channels, height, width]")
+                raise SaRAError(
+                    f"encode_images returned {shape} for a batch of {len(batch)} images; "
+                    f"expected [{len(batch)}, channels, height, width]"
+                )
             for (index, _), latent in zip(batch, latents.detach().cpu()):
                 pending[index][1].append(latent)
             batch.clear()
@@ -221,10 +265,16 @@ def _read_entry(path: Path, view_count: int) -> EncodedImage | None:
         if absent:
             raise SaRAError(f"it has no {', '.join(absent)}")
         latents, time_ids, hidden_states = tensors["latents"], tensors["time_ids"], tensors["hidden_states"]
-        if latents.ndim != 4 or latents.shape[0] != view_count or tuple(time_ids.shape) != (view_count, 6) \
-                or hidden_states.ndim != 2:
-            raise SaRAError(f"latents {tuple(latents.shape)}, time_ids {tuple(time_ids.shape)} and hidden_states "
-                            f"{tuple(hidden_states.shape)} do not fit {view_count} views")
+        if (
+            latents.ndim != 4
+            or latents.shape[0] != view_count
+            or tuple(time_ids.shape) != (view_count, 6)
+            or hidden_states.ndim != 2
+        ):
+            raise SaRAError(
+                f"latents {tuple(latents.shape)}, time_ids {tuple(time_ids.shape)} and hidden_states "
+                f"{tuple(hidden_states.shape)} do not fit {view_count} views"
+            )
     except (SaRAError, SafetensorError, OSError) as exc:
         log.warning("cache file %s cannot be used (%s); encoding its image again", path, exc)
         return None

@@ -6,18 +6,19 @@ The dataclasses are the single source of truth: each field's ``help`` becomes it
 dashes or underscores). Flags given on the command line override the file; anything given in
 neither keeps its default here.
 """
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import math
 import re
-import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomllib
 import torch
 
 from ..engine.delta import DTYPES
@@ -37,32 +38,60 @@ class LoopConfig:
     """The options ``run_training`` reads: optimisation, SaRA selection, and the run folder's saves.
     ``validate()`` checks them (the loop calls it)."""
 
-    output_dir: str = option("sara-output", "Where deltas, samples, the loss log/plot and the resume state go.", "inputs")
+    output_dir: str = option(
+        "sara-output", "Where deltas, samples, the loss log/plot and the resume state go.", "inputs"
+    )
     # -- optimisation
     steps: int = option(1000, "Optimizer steps.", "optimisation")
     batch_size: int = option(1, "Images per step per process.", "optimisation")
     grad_accumulation: int = option(1, "Micro-batches accumulated per optimizer step.", "optimisation")
     learning_rate: float = option(1e-4, "Peak AdamW learning rate.", "optimisation")
-    lr_schedule: str = option("constant", "After warm-up: constant, linear (to 0) or cosine (to 0).", "optimisation",
-                              ("constant", "linear", "cosine"))
+    lr_schedule: str = option(
+        "constant",
+        "After warm-up: constant, linear (to 0) or cosine (to 0).",
+        "optimisation",
+        ("constant", "linear", "cosine"),
+    )
     warmup_steps: int = option(0, "Linear warm-up from 0 over this many steps.", "optimisation")
-    weight_decay: float = option(0.0, "Decoupled decay of the learned update toward the pretrained weights (not of the weights toward zero).", "optimisation")
+    weight_decay: float = option(
+        0.0,
+        "Decoupled decay of the learned update toward the pretrained weights (not of the weights toward zero).",
+        "optimisation",
+    )
     seed: int = option(0, "Seed for data order, noise and timesteps (0 to 2**63 - 1).", "optimisation")
-    mixed_precision: str = option("no", "no, fp16 (GPU) or bf16: base weights and activations in this dtype, fp32 master values.", "optimisation",
-                                  ("no", "fp16", "bf16"))
-    gradient_checkpointing: bool = option(False, "Recompute activations in backward (less memory, ~30% slower).", "optimisation")
+    mixed_precision: str = option(
+        "no",
+        "no, fp16 (GPU) or bf16: base weights and activations in this dtype, fp32 master values.",
+        "optimisation",
+        ("no", "fp16", "bf16"),
+    )
+    gradient_checkpointing: bool = option(
+        False, "Recompute activations in backward (less memory, more time per step).", "optimisation"
+    )
     # -- SaRA
-    budget: float | None = option(None, "Fraction (0, 1] of the targeted weights to train, smallest |w| first (default 0.05 unless --threshold).", "sara")
+    budget: float | None = option(
+        None,
+        "Fraction (0, 1] of the targeted weights to train, smallest |w| first (default 0.05 unless --threshold).",
+        "sara",
+    )
     threshold: float | None = option(None, "Train the entries with |w| below this instead of a budget.", "sara")
     rank_weight: float = option(1e-4, "Weight of the nuclear-norm loss on the sparse update (0 turns it off).", "sara")
-    rank_layers_per_step: int | None = option(None, "Take the rank loss on this many layers per step, in rotation (all by default).", "sara")
-    progressive_fraction: float = option(0.5, "Re-select still-small entries after this fraction of the steps (0 turns it off).", "sara")
+    rank_layers_per_step: int | None = option(
+        None, "Take the rank loss on this many layers per step, in rotation (all by default).", "sara"
+    )
+    progressive_fraction: float = option(
+        0.5, "Re-select still-small entries after this fraction of the steps (0 turns it off).", "sara"
+    )
     include: list[str] = option([], "Regex on module names: only matching modules are trained (repeatable).", "sara")
     exclude: list[str] = option([], "Regex on module names: matching modules are never trained (repeatable).", "sara")
     # -- outputs
-    save_every: int = option(0, "Also save the delta and the resume state every N steps (0: only at the end).", "outputs")
+    save_every: int = option(
+        0, "Also save the delta and the resume state every N steps (0: only at the end).", "outputs"
+    )
     log_every: int = option(10, "Flush the loss CSV and redraw the loss plot every N steps.", "outputs")
-    sample_every: int = option(0, "Render the validation prompts every N steps (0: only at the end, if prompts are given).", "outputs")
+    sample_every: int = option(
+        0, "Render the validation prompts every N steps (0: only at the end, if prompts are given).", "outputs"
+    )
     delta_dtype: str = option("fp16", "Dtype of the saved delta values: fp16, bf16 or fp32.", "outputs", tuple(DTYPES))
     resume: bool = option(False, "Continue the run in --output-dir from its last saved state.", "outputs")
 
@@ -86,8 +115,9 @@ class LoopConfig:
         if self.threshold is not None and not self.threshold > 0:
             raise SaRAError(f"--threshold must be > 0, got {self.threshold}")
         if self.rank_layers_per_step is not None and self.rank_layers_per_step < 1:
-            raise SaRAError(f"--rank-layers-per-step must be >= 1 (leave it out for all layers), "
-                            f"got {self.rank_layers_per_step}")
+            raise SaRAError(
+                f"--rank-layers-per-step must be >= 1 (leave it out for all layers), got {self.rank_layers_per_step}"
+            )
         if not 0 <= self.seed < 2**63:
             raise SaRAError(f"--seed must be in [0, 2**63), got {self.seed}")
         for name in ("include", "exclude"):
@@ -118,27 +148,50 @@ class TrainConfig(LoopConfig):
     dataset, its encoding and the validation samples. ``validate()`` checks them all."""
 
     # -- inputs
-    base: str = option("", "Base model: a diffusers folder (model_index.json) or a single-file .safetensors checkpoint.", "inputs")
-    base_config: str | None = option(None, "For a single-file base: a local diffusers folder of the same architecture whose configs and tokenizers are used (no download).", "inputs")
-    data: str = option("", "Training images folder: same-name .txt captions (kohya) or a metadata.jsonl (diffusers).", "inputs")
+    base: str = option(
+        "", "Base model: a diffusers folder (model_index.json) or a single-file .safetensors checkpoint.", "inputs"
+    )
+    base_config: str | None = option(
+        None,
+        "For a single-file base: a local diffusers folder of the same architecture whose configs and tokenizers "
+        "are used (no download).",
+        "inputs",
+    )
+    data: str = option(
+        "", "Training images folder: same-name .txt captions (kohya) or a metadata.jsonl (diffusers).", "inputs"
+    )
     caption_prefix: str = option("", "Prepended to every caption (a trigger word), joined with ', '.", "inputs")
     caption_extension: str = option(".txt", "Extension of caption files next to the images.", "inputs")
     # -- images
     resolution: int = option(512, "Square training resolution in pixels (a multiple of 8).", "images")
-    crop: str = option("center", "How images are cropped to the square: center or random.", "images", ("center", "random"))
+    crop: str = option(
+        "center", "How images are cropped to the square: center or random.", "images", ("center", "random")
+    )
     random_crop_variants: int = option(4, "With --crop random: fixed random crops cached per image.", "images")
     flip: bool = option(False, "Also train on horizontally mirrored images.", "images")
-    cache_dir: str | None = option(None, "Latent/text-embedding cache (reused while inputs are unchanged); default: $XDG_CACHE_HOME/sara-train.", "images")
+    cache_dir: str | None = option(
+        None,
+        "Latent/text-embedding cache (reused while inputs are unchanged); default: $XDG_CACHE_HOME/sara-train.",
+        "images",
+    )
     cache: bool = option(True, "Cache encoded latents and prompts on disk (--no-cache: in memory only).", "images")
     # -- optimisation
-    device: str = option("auto", "cuda, cuda:N, cpu, or auto (the GPU if there is one; each process's own under accelerate launch).", "optimisation")
+    device: str = option(
+        "auto",
+        "cuda, cuda:N, cpu, or auto (the GPU if there is one; each process's own under accelerate launch).",
+        "optimisation",
+    )
     # -- outputs
     sample_prompts: list[str] = option([], "Validation prompts (repeatable).", "outputs")
     sample_steps: int = option(20, "Denoising steps per validation image.", "outputs")
     sample_guidance: float = option(7.5, "Classifier-free guidance scale of validation images.", "outputs")
     sample_seed: int = option(0, "Seed of the validation images (the same every time).", "outputs")
-    key_format: str = option("ldm", "Weight names in the delta: ldm (ComfyUI / single-file checkpoints) or diffusers.", "outputs",
-                             ("ldm", "diffusers"))
+    key_format: str = option(
+        "ldm",
+        "Weight names in the delta: ldm (ComfyUI / single-file checkpoints) or diffusers.",
+        "outputs",
+        ("ldm", "diffusers"),
+    )
 
     def validate(self) -> None:
         """Raise ``SaRAError`` naming the first bad option. Everything that can be checked without
@@ -157,8 +210,9 @@ class TrainConfig(LoopConfig):
         if not 0 <= self.sample_seed < 2**63:
             raise SaRAError(f"--sample-seed must be in [0, 2**63), got {self.sample_seed}")
         if self.caption_extension.strip(".") == "" or "/" in self.caption_extension:
-            raise SaRAError(f"--caption-extension must be a file extension such as .txt, got "
-                            f"{self.caption_extension!r}")
+            raise SaRAError(
+                f"--caption-extension must be a file extension such as .txt, got {self.caption_extension!r}"
+            )
         parse_device(self.device)
 
 
@@ -258,8 +312,16 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 
 def check_type(path: Path, key: str, value: Any, type_name: str) -> Any:
-    expected = {"str": str, "str | None": str, "int": int, "int | None": int, "float": (int, float),
-                "float | None": (int, float), "bool": bool, "list[str]": list}[type_name]
+    expected = {
+        "str": str,
+        "str | None": str,
+        "int": int,
+        "int | None": int,
+        "float": (int, float),
+        "float | None": (int, float),
+        "bool": bool,
+        "list[str]": list,
+    }[type_name]
     if isinstance(value, bool) and type_name != "bool" or not isinstance(value, expected):
         raise SaRAError(f"config file {path}: {key} must be {type_name}, got {value!r}")
     if type_name == "list[str]" and not all(isinstance(item, str) for item in value):

@@ -20,6 +20,7 @@ orientation applied, transparency composited on white, resized so the short side
 resolution, cropped to a square (center or random), optionally mirrored left-right. The resize
 and the crop are one resampling of the square's region only (``ResizePlan``).
 """
+
 from __future__ import annotations
 
 import json
@@ -100,8 +101,10 @@ def _read_caption_files(folder: Path, caption_extension: str) -> list[DatasetIte
     missing = [path for path in images if not path.with_suffix(caption_extension).is_file()]
     if missing:
         first = missing[0]
-        message = (f"training image {first} has no caption file: expected "
-                   f"{first.with_suffix(caption_extension)} (or a {METADATA_FILE} in {folder})")
+        message = (
+            f"training image {first} has no caption file: expected "
+            f"{first.with_suffix(caption_extension)} (or a {METADATA_FILE} in {folder})"
+        )
         if len(missing) > 1:
             others = ", ".join(path.name for path in missing[1:6])
             more = f" and {len(missing) - 6} more" if len(missing) > 6 else ""
@@ -112,9 +115,14 @@ def _read_caption_files(folder: Path, caption_extension: str) -> list[DatasetIte
 
 def _top_level_images(folder: Path) -> list[Path]:
     """Image files directly in ``folder`` (not hidden), sorted by name."""
-    return sorted((path for path in folder.iterdir()
-                   if path.is_file() and not path.name.startswith(".")
-                   and path.suffix.lower() in IMAGE_EXTENSIONS), key=lambda path: path.name)
+    return sorted(
+        (
+            path
+            for path in folder.iterdir()
+            if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+        ),
+        key=lambda path: path.name,
+    )
 
 
 def _read_caption(path: Path) -> str:
@@ -130,8 +138,10 @@ def _no_images_message(folder: Path) -> str:
         return f"training image folder {folder} is empty"
     names = [path.name + ("/" if path.is_dir() else "") for path in entries]
     shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-    return (f"no training images ({' '.join(IMAGE_EXTENSIONS)}) in {folder} (subfolders are not "
-            f"scanned); it holds {len(names)} other entries: {shown}")
+    return (
+        f"no training images ({' '.join(IMAGE_EXTENSIONS)}) in {folder} (subfolders are not "
+        f"scanned); it holds {len(names)} other entries: {shown}"
+    )
 
 
 def _read_metadata(folder: Path, metadata: Path) -> list[DatasetItem]:
@@ -165,8 +175,13 @@ def _read_metadata(folder: Path, metadata: Path) -> list[DatasetItem]:
         raise SaRAError(f"{metadata} lists no images")
     unlisted = [path.name for path in _top_level_images(folder) if path not in seen]
     if unlisted:
-        log.warning("%d images in %s are not listed in %s and are not used: %s", len(unlisted), folder,
-                    METADATA_FILE, ", ".join(unlisted[:5]) + (", ..." if len(unlisted) > 5 else ""))
+        log.warning(
+            "%d images in %s are not listed in %s and are not used: %s",
+            len(unlisted),
+            folder,
+            METADATA_FILE,
+            ", ".join(unlisted[:5]) + (", ..." if len(unlisted) > 5 else ""),
+        )
     return items
 
 
@@ -203,8 +218,7 @@ def validate_images(items: list[DatasetItem]) -> None:
         except SaRAError as exc:
             problems.append(str(exc))
     if problems:
-        raise SaRAError(f"{len(problems)} of {len(items)} training images cannot be read:\n  "
-                        + "\n  ".join(problems))
+        raise SaRAError(f"{len(problems)} of {len(items)} training images cannot be read:\n  " + "\n  ".join(problems))
 
 
 def check_image_options(resolution: int, crop: str) -> None:
@@ -238,8 +252,9 @@ class ResizePlan:
         return (left / scale_x, top / scale_y, (left + resolution) / scale_x, (top + resolution) / scale_y)
 
 
-def _crop_position(plan: ResizePlan, resolution: int, crop: CropMode,
-                   generator: torch.Generator | None) -> tuple[int, int]:
+def _crop_position(
+    plan: ResizePlan, resolution: int, crop: CropMode, generator: torch.Generator | None
+) -> tuple[int, int]:
     width, height = plan.resized
     if crop == "center":
         return (height - resolution) // 2, (width - resolution) // 2
@@ -253,8 +268,9 @@ def _cut(image: Image.Image, plan: ResizePlan, resolution: int, top_left: tuple[
     if plan.resized == plan.original:
         square = image.crop((left, top, left + resolution, top + resolution))
     else:
-        square = image.resize((resolution, resolution), Image.Resampling.LANCZOS,
-                              box=plan.source_box(top, left, resolution))
+        square = image.resize(
+            (resolution, resolution), Image.Resampling.LANCZOS, box=plan.source_box(top, left, resolution)
+        )
     pixels = torch.from_numpy(np.asarray(square, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
     if flip:
         pixels = pixels.flip(-1)
@@ -262,8 +278,13 @@ def _cut(image: Image.Image, plan: ResizePlan, resolution: int, top_left: tuple[
     return LoadedImage(pixels.contiguous(), (image.height, image.width), (top, left))
 
 
-def load_image(path: str | Path, resolution: int, crop: CropMode = "center", flip: bool = False,
-               generator: torch.Generator | None = None) -> LoadedImage:
+def load_image(
+    path: str | Path,
+    resolution: int,
+    crop: CropMode = "center",
+    flip: bool = False,
+    generator: torch.Generator | None = None,
+) -> LoadedImage:
     """One square view of an image: short side resized to ``resolution``, cropped, maybe mirrored.
 
     ``crop="random"`` draws the corner from ``generator`` (the global torch RNG when None).
@@ -276,8 +297,14 @@ def load_image(path: str | Path, resolution: int, crop: CropMode = "center", fli
     return _cut(image, plan, resolution, _crop_position(plan, resolution, crop, generator), flip)
 
 
-def load_image_variants(path: str | Path, resolution: int, crop: CropMode, crop_count: int, with_mirror: bool,
-                        generator: torch.Generator | None = None) -> list[LoadedImage]:
+def load_image_variants(
+    path: str | Path,
+    resolution: int,
+    crop: CropMode,
+    crop_count: int,
+    with_mirror: bool,
+    generator: torch.Generator | None = None,
+) -> list[LoadedImage]:
     """Decode an image once and cut ``crop_count`` square views from it (``crop_count`` corners
     drawn from ``generator`` in turn for ``"random"``; for ``"center"`` they are all the same).
 

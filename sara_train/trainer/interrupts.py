@@ -9,6 +9,7 @@ remains the way to abandon a save.) Inside ``held()`` a signal is only recorded,
 decide together with other processes when to stop (the multi-process training loop). The exit
 status for an interrupted run is ``128 + signal``: 130 for SIGINT, 143 for SIGTERM.
 """
+
 from __future__ import annotations
 
 import signal
@@ -77,8 +78,12 @@ class StopSignals:
 
     def _handle(self, number: int, frame: FrameType | None) -> None:
         if self.received is not None:
-            print(f"\n{signal.Signals(number).name} again: already stopping; the save in progress completes "
-                  "first (kill -9 abandons it)", file=sys.stderr, flush=True)
+            print(
+                f"\n{signal.Signals(number).name} again: already stopping; the save in progress completes "
+                "first (kill -9 abandons it)",
+                file=sys.stderr,
+                flush=True,
+            )
             return
         self.received = number
         if self._hold_depth:
@@ -99,7 +104,6 @@ class StopSignals:
         if not self._shield_depth and self._pending:
             self._pending = False
             raise Interrupted(self.received)
-
 
     def stop(self, signal_number: int) -> Interrupted:
         """Record that this process stops for ``signal_number`` (e.g. one another process received),

@@ -1,4 +1,5 @@
 """The loss log of a run: one CSV row per optimizer step (plotted by ``sara_train.plots.loss``)."""
+
 from __future__ import annotations
 
 import csv
@@ -6,7 +7,6 @@ from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
 from ..engine.files import atomic_output
-
 
 
 @dataclass
@@ -26,8 +26,16 @@ def read_loss_log(path: Path) -> list[LossRow]:
     if not path.exists():
         return []
     with open(path, newline="") as file:
-        return [LossRow(int(row["step"]), float(row["loss"]), float(row["rank_loss"]),
-                        float(row["learning_rate"]), float(row["seconds"])) for row in csv.DictReader(file)]
+        return [
+            LossRow(
+                int(row["step"]),
+                float(row["loss"]),
+                float(row["rank_loss"]),
+                float(row["learning_rate"]),
+                float(row["seconds"]),
+            )
+            for row in csv.DictReader(file)
+        ]
 
 
 def write_loss_log(path: Path, rows: list[LossRow]) -> None:

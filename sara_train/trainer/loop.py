@@ -11,6 +11,7 @@ Everything random is a function of ``config.seed`` and the step, or lives in the
 state, so ``--resume`` continues bit-identically. Processes are never wrapped in DDP: the SaRA
 values are the only trainable tensors and are all-reduced by hand, which survives re-selection.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,16 +34,30 @@ from ..engine.errors import SaRAError
 from ..engine.files import atomic_output, check_writable_folder, read_safetensors_header
 from ..engine.handle import SaRAHandle
 from ..engine.optim import SaRAAdamW
+from ..plots.loss import plot_loss
 from .config import LoopConfig
 from .interrupts import Interrupted, StopSignals
-from ..plots.loss import plot_loss
 from .logs import LossRow, read_loss_log, write_loss_log
 from .state_file import read_state_file, save_state_file
 from .types import TrainingExample
 
-RESUME_INDEPENDENT = {"output_dir", "resume", "save_every", "log_every", "sample_every", "sample_prompts",
-                      "sample_steps", "sample_guidance", "sample_seed", "cache_dir", "cache", "delta_dtype",
-                      "key_format", "base_config", "device"}
+RESUME_INDEPENDENT = {
+    "output_dir",
+    "resume",
+    "save_every",
+    "log_every",
+    "sample_every",
+    "sample_prompts",
+    "sample_steps",
+    "sample_guidance",
+    "sample_seed",
+    "cache_dir",
+    "cache",
+    "delta_dtype",
+    "key_format",
+    "base_config",
+    "device",
+}
 """Options that may differ between a run and its resumption (they do not change the math)."""
 
 
@@ -122,7 +137,9 @@ def example_order(position: int, count: int, seed: int) -> int:
     return int(torch.randperm(count, generator=generator)[offset])
 
 
-def training_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+def training_target(
+    noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
     """What the UNet should predict for ``prediction_type`` (epsilon, v_prediction or sample)."""
     prediction_type = noise_scheduler.config.prediction_type
     if prediction_type == "epsilon":
@@ -159,7 +176,7 @@ class Distributed:
         flat /= self.world
         offset = 0
         for tensor in tensors:
-            tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
+            tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
             offset += tensor.numel()
 
     def largest(self, value: int) -> int:
@@ -179,18 +196,27 @@ def check_run_folder(folder: RunFolder, resume: bool) -> None:
     """Before any work: the folder can be written, and holds a run exactly when resuming."""
     check_writable_folder(folder.root, "--output-dir")
     if not resume and folder.state.exists():
-        raise SaRAError(f"{folder.root} already holds a run (state in {folder.state}); pass --resume to continue "
-                        f"it or choose another --output-dir")
+        raise SaRAError(
+            f"{folder.root} already holds a run (state in {folder.state}); pass --resume to continue "
+            f"it or choose another --output-dir"
+        )
     if resume and not folder.state.exists():
-        raise SaRAError(f"--resume: no saved state in {folder.root} (expected {folder.state}); a run saves it at "
-                        f"--save-every steps, on Ctrl-C and at the end")
+        raise SaRAError(
+            f"--resume: no saved state in {folder.root} (expected {folder.state}); a run saves it at "
+            f"--save-every steps, on Ctrl-C and at the end"
+        )
 
 
-def run_training(unet: nn.Module, noise_scheduler, examples: Sequence[TrainingExample], config: LoopConfig,
-                 render_samples: Callable[[int], list[Image.Image]] | None = None,
-                 delta_metadata: dict[str, str] | None = None,
-                 convert_delta: Callable[[SparseDelta], SparseDelta] | None = None,
-                 data_fingerprint: str | None = None) -> TrainResult:
+def run_training(
+    unet: nn.Module,
+    noise_scheduler,
+    examples: Sequence[TrainingExample],
+    config: LoopConfig,
+    render_samples: Callable[[int], list[Image.Image]] | None = None,
+    delta_metadata: dict[str, str] | None = None,
+    convert_delta: Callable[[SparseDelta], SparseDelta] | None = None,
+    data_fingerprint: str | None = None,
+) -> TrainResult:
     """Fine-tune ``unet`` in place with SaRA on ``examples``; write the run's files; return the result.
 
     ``unet``: a diffusers ``UNet2DConditionModel`` (or any module with its call signature), on the
@@ -223,14 +249,33 @@ def run_training(unet: nn.Module, noise_scheduler, examples: Sequence[TrainingEx
             unet.train()
             if config.gradient_checkpointing:
                 unet.enable_gradient_checkpointing()
-            selection = SaRAConfig(threshold=config.threshold, budget=config.budget, include=list(config.include),
-                                   exclude=list(config.exclude))
-            optimizer = SaRAAdamW(unet, lr=config.learning_rate, config=selection, rank_weight=config.rank_weight,
-                                  rank_layers_per_step=config.rank_layers_per_step,
-                                  progressive_at=config.progressive_at, weight_decay=config.weight_decay)
-            run = TrainingRun(unet, noise_scheduler, examples, config, folder, optimizer, signals,
-                              {"trainer": "sara-train", "config": json.dumps(config.to_dict()), **(delta_metadata or {})},
-                              convert_delta, data_fingerprint)
+            selection = SaRAConfig(
+                threshold=config.threshold,
+                budget=config.budget,
+                include=list(config.include),
+                exclude=list(config.exclude),
+            )
+            optimizer = SaRAAdamW(
+                unet,
+                lr=config.learning_rate,
+                config=selection,
+                rank_weight=config.rank_weight,
+                rank_layers_per_step=config.rank_layers_per_step,
+                progressive_at=config.progressive_at,
+                weight_decay=config.weight_decay,
+            )
+            run = TrainingRun(
+                unet,
+                noise_scheduler,
+                examples,
+                config,
+                folder,
+                optimizer,
+                signals,
+                {"trainer": "sara-train", "config": json.dumps(config.to_dict()), **(delta_metadata or {})},
+                convert_delta,
+                data_fingerprint,
+            )
             if config.resume:
                 run.resume()
         except KeyboardInterrupt as stop:
@@ -242,9 +287,19 @@ class TrainingRun:
     """The state of one ``run_training`` call: model, optimizer, noise generator, losses, and the
     run folder's saves. ``train`` is the loop."""
 
-    def __init__(self, unet: nn.Module, noise_scheduler, examples: Sequence[TrainingExample], config: LoopConfig,
-                 folder: RunFolder, optimizer: SaRAAdamW, signals: StopSignals, metadata: dict[str, str],
-                 convert_delta: Callable[[SparseDelta], SparseDelta] | None, data_fingerprint: str | None) -> None:
+    def __init__(
+        self,
+        unet: nn.Module,
+        noise_scheduler,
+        examples: Sequence[TrainingExample],
+        config: LoopConfig,
+        folder: RunFolder,
+        optimizer: SaRAAdamW,
+        signals: StopSignals,
+        metadata: dict[str, str],
+        convert_delta: Callable[[SparseDelta], SparseDelta] | None,
+        data_fingerprint: str | None,
+    ) -> None:
         self.unet, self.noise_scheduler, self.examples, self.config = unet, noise_scheduler, examples, config
         self.folder, self.optimizer, self.signals, self.metadata = folder, optimizer, signals, metadata
         self.convert_delta, self.data_fingerprint = convert_delta, data_fingerprint
@@ -265,8 +320,15 @@ class TrainingRun:
         return self.optimizer.handle
 
     def resume(self) -> None:
-        self.start_step, self.losses = resume_from(self.folder, self.config, self.optimizer, self.noise_generator,
-                                                   self.scaler, self.distributed, self.data_fingerprint)
+        self.start_step, self.losses = resume_from(
+            self.folder,
+            self.config,
+            self.optimizer,
+            self.noise_generator,
+            self.scaler,
+            self.distributed,
+            self.data_fingerprint,
+        )
         self.saved_step = self.start_step
         saved = [self.folder.delta_at(self.start_step), self.folder.delta]
         self.saved_path = next((path for path in saved if path.exists()), None)
@@ -277,10 +339,19 @@ class TrainingRun:
             delta = self.handle.delta(metadata={**self.metadata, "steps": str(step)})
             if self.convert_delta is not None:
                 delta = self.convert_delta(delta)
-            path = delta.save(self.folder.delta if final else self.folder.delta_at(step),
-                              dtype=DTYPES[self.config.delta_dtype])
-            save_state(self.folder, step, self.config, self.optimizer, self.noise_generator, self.scaler,
-                       self.distributed, self.data_fingerprint)
+            path = delta.save(
+                self.folder.delta if final else self.folder.delta_at(step), dtype=DTYPES[self.config.delta_dtype]
+            )
+            save_state(
+                self.folder,
+                step,
+                self.config,
+                self.optimizer,
+                self.noise_generator,
+                self.scaler,
+                self.distributed,
+                self.data_fingerprint,
+            )
             write_logs(self.folder, self.losses)
         self.saved_step, self.saved_path = step, path
         return path
@@ -290,12 +361,22 @@ class TrainingRun:
         """Steps finished so far (the loss log has one row per step)."""
         return len(self.losses)
 
-    def train(self, render_samples: Callable[[int], list[Image.Image]] | None, compute_dtype: torch.dtype,
-              device: torch.device) -> TrainResult:
+    def train(
+        self,
+        render_samples: Callable[[int], list[Image.Image]] | None,
+        compute_dtype: torch.dtype,
+        device: torch.device,
+    ) -> TrainResult:
         """Steps from ``start_step`` to ``config.steps``, periodic saves and samples, the final save."""
         config, distributed = self.config, self.distributed
-        progress = tqdm(total=config.steps, initial=self.start_step, desc="SaRA", unit="step",
-                        disable=not distributed.is_main, dynamic_ncols=True)
+        progress = tqdm(
+            total=config.steps,
+            initial=self.start_step,
+            desc="SaRA",
+            unit="step",
+            disable=not distributed.is_main,
+            dynamic_ncols=True,
+        )
         started = time.monotonic() - (self.losses[-1].seconds if self.losses else 0.0)
         stopped_early = None
         self.doing = "training"
@@ -309,9 +390,11 @@ class TrainingRun:
                     progress.update(1)
                     progress.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate:.2e}")
                     if self.handle.num_trainable == 0:
-                        stopped_early = (f"the progressive step after step {self.completed} left no entry trainable "
-                                         f"(every learned |value| reached the threshold {self.handle.threshold:.3g}); "
-                                         f"the delta holds what was learned up to then")
+                        stopped_early = (
+                            f"the progressive step after step {self.completed} left no entry trainable "
+                            f"(every learned |value| reached the threshold {self.handle.threshold:.3g}); "
+                            f"the delta holds what was learned up to then"
+                        )
                         break
                     if distributed.is_main:
                         self.after_step(render_samples)
@@ -334,8 +417,9 @@ class TrainingRun:
                 self.save(self.completed, final=False)
             if distributed.active and isinstance(stop, Interrupted):
                 distributed.barrier()  # all stopped together: wait for the save before any process exits
-            return TrainResult(self.saved_path, self.losses, self.handle, interruption=Interrupted.of(stop),
-                               stopped_while=self.doing)
+            return TrainResult(
+                self.saved_path, self.losses, self.handle, interruption=Interrupted.of(stop), stopped_while=self.doing
+            )
 
     def step(self, step: int, started: float, compute_dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
         """Optimizer step ``step`` (0-based): micro-batches, gradient all-reduce, the update (which
@@ -351,8 +435,16 @@ class TrainingRun:
         for micro in range(config.grad_accumulation):
             first = (step * config.grad_accumulation + micro) * global_batch
             indices = [example_order(first + i, len(self.examples), config.seed) for i in range(global_batch)]
-            loss = micro_batch_loss(self.unet, self.noise_scheduler, [self.examples[i] for i in indices],
-                                    self.noise_generator, distributed, config.batch_size, compute_dtype, device)
+            loss = micro_batch_loss(
+                self.unet,
+                self.noise_scheduler,
+                [self.examples[i] for i in indices],
+                self.noise_generator,
+                distributed,
+                config.batch_size,
+                compute_dtype,
+                device,
+            )
             backward(loss / config.grad_accumulation, self.scaler)
             loss_sum += loss.detach().double().cpu()
         distributed.average_([p.grad for p in self.handle.parameters() if p.grad is not None])
@@ -363,8 +455,10 @@ class TrainingRun:
             if stop:
                 raise self.signals.stop(stop)
         if not math.isfinite(float(mean_loss)):
-            raise SaRAError(f"the loss became {float(mean_loss)} at step {step + 1}: lower --learning-rate "
-                            f"or use --mixed-precision bf16/no")
+            raise SaRAError(
+                f"the loss became {float(mean_loss)} at step {step + 1}: lower --learning-rate "
+                f"or use --mixed-precision bf16/no"
+            )
         with self.signals.shielded():
             if self.scaler is not None:
                 self.scaler.unscale_(optimizer)
@@ -373,8 +467,15 @@ class TrainingRun:
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            self.losses.append(LossRow(step + 1, float(mean_loss), optimizer.last_rank_loss, learning_rate,
-                                       round(time.monotonic() - started, 3)))
+            self.losses.append(
+                LossRow(
+                    step + 1,
+                    float(mean_loss),
+                    optimizer.last_rank_loss,
+                    learning_rate,
+                    round(time.monotonic() - started, 3),
+                )
+            )
         return float(mean_loss), learning_rate
 
     def after_step(self, render_samples: Callable[[int], list[Image.Image]] | None) -> None:
@@ -391,9 +492,16 @@ class TrainingRun:
             save_samples(self.folder.samples_at(done), self.unet, render_samples, done)
 
 
-def micro_batch_loss(unet: nn.Module, noise_scheduler, batch: Sequence[TrainingExample],
-                     noise_generator: torch.Generator, distributed: Distributed, per_process: int,
-                     compute_dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def micro_batch_loss(
+    unet: nn.Module,
+    noise_scheduler,
+    batch: Sequence[TrainingExample],
+    noise_generator: torch.Generator,
+    distributed: Distributed,
+    per_process: int,
+    compute_dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
     """Denoising MSE of this process's slice of the global micro-batch ``batch`` (0-d fp32 tensor)."""
     latents = torch.stack([example.latents for example in batch]).float()
     noise = torch.randn(latents.shape, generator=noise_generator)
@@ -408,10 +516,12 @@ def micro_batch_loss(unet: nn.Module, noise_scheduler, batch: Sequence[TrainingE
     if batch[0].prompt.pooled is not None:
         added_conditions = {
             "text_embeds": torch.stack([example.prompt.pooled for example in batch]).to(device, compute_dtype),
-            "time_ids": torch.stack([example.time_ids for example in batch]).to(device, compute_dtype)}
+            "time_ids": torch.stack([example.time_ids for example in batch]).to(device, compute_dtype),
+        }
     with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
-        prediction = unet(noisy.to(compute_dtype), timesteps, encoder_hidden_states=hidden_states,
-                          added_cond_kwargs=added_conditions).sample
+        prediction = unet(
+            noisy.to(compute_dtype), timesteps, encoder_hidden_states=hidden_states, added_cond_kwargs=added_conditions
+        ).sample
     return nn.functional.mse_loss(prediction.float(), target.float())
 
 
@@ -449,20 +559,35 @@ PATH_OPTIONS = ("base", "data", "base_config", "output_dir", "cache_dir")
 
 def comparable_options(options: dict) -> dict:
     """``options`` (``LoopConfig.to_dict()`` or a subclass's) with path options resolved to absolute paths."""
-    return {name: str(Path(value).expanduser().resolve()) if name in PATH_OPTIONS and value else value
-            for name, value in options.items()}
+    return {
+        name: str(Path(value).expanduser().resolve()) if name in PATH_OPTIONS and value else value
+        for name, value in options.items()
+    }
 
 
-def save_state(folder: RunFolder, step: int, config: LoopConfig, optimizer: SaRAAdamW,
-               noise_generator: torch.Generator, scaler: torch.amp.GradScaler | None,
-               distributed: Distributed, data_fingerprint: str | None) -> None:
+def save_state(
+    folder: RunFolder,
+    step: int,
+    config: LoopConfig,
+    optimizer: SaRAAdamW,
+    noise_generator: torch.Generator,
+    scaler: torch.amp.GradScaler | None,
+    distributed: Distributed,
+    data_fingerprint: str | None,
+) -> None:
     """Write everything needed to continue after ``step`` to ``folder.state`` (atomically): the
     optimizer's state (SaRA's selection, values and Adam moments), the noise generator and the
     loss scaler, with the step, options and data fingerprint as metadata."""
-    state = {"optimizer": optimizer.state_dict(), "noise_generator": noise_generator.get_state(),
-             "grad_scaler": scaler.state_dict() if scaler is not None else None}
-    metadata = {"step": str(step), "config": json.dumps(comparable_options(config.to_dict())),
-                "world_size": str(distributed.world)}
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "noise_generator": noise_generator.get_state(),
+        "grad_scaler": scaler.state_dict() if scaler is not None else None,
+    }
+    metadata = {
+        "step": str(step),
+        "config": json.dumps(comparable_options(config.to_dict())),
+        "world_size": str(distributed.world),
+    }
     if data_fingerprint is not None:
         metadata["data_fingerprint"] = data_fingerprint
     save_state_file(folder.state, state, metadata)
@@ -476,8 +601,10 @@ def saved_data_fingerprint(folder: RunFolder) -> str | None:
 
 
 def data_changed_message(folder: RunFolder, data: str = "training data") -> str:
-    return (f"--resume: the {data} changed since the run in {folder.root} was saved (images or captions differ); "
-            f"resume with the same data or start a new run")
+    return (
+        f"--resume: the {data} changed since the run in {folder.root} was saved (images or captions differ); "
+        f"resume with the same data or start a new run"
+    )
 
 
 def read_state(path: Path) -> tuple[dict, dict[str, str]]:
@@ -488,14 +615,21 @@ def read_state(path: Path) -> tuple[dict, dict[str, str]]:
         int(metadata["step"]), int(metadata["world_size"]), json.loads(metadata["config"])
         state["optimizer"]["sara"], state["noise_generator"]
     except (KeyError, TypeError, ValueError) as error:
-        raise SaRAError(f"--resume: the saved state {path} is damaged (no {error}); resume from an earlier copy "
-                        f"or start a new run") from None
+        raise SaRAError(
+            f"--resume: the saved state {path} is damaged (no {error}); resume from an earlier copy or start a new run"
+        ) from None
     return state, metadata
 
 
-def resume_from(folder: RunFolder, config: LoopConfig, optimizer: SaRAAdamW, noise_generator: torch.Generator,
-                scaler: torch.amp.GradScaler | None, distributed: Distributed,
-                data_fingerprint: str | None) -> tuple[int, list[LossRow]]:
+def resume_from(
+    folder: RunFolder,
+    config: LoopConfig,
+    optimizer: SaRAAdamW,
+    noise_generator: torch.Generator,
+    scaler: torch.amp.GradScaler | None,
+    distributed: Distributed,
+    data_fingerprint: str | None,
+) -> tuple[int, list[LossRow]]:
     """Load ``folder.state`` into the optimizer and generator; returns ``(step, loss rows so far)``.
 
     Refused (``SaRAError``) when the options that change the math differ, the training data
@@ -504,17 +638,21 @@ def resume_from(folder: RunFolder, config: LoopConfig, optimizer: SaRAAdamW, noi
     saved = json.loads(metadata["config"])
     current = comparable_options(config.to_dict())
     saved = comparable_options(saved) if isinstance(saved, dict) else {}
-    differing = sorted(name for name, value in current.items()
-                       if name not in RESUME_INDEPENDENT and saved.get(name) != value)
+    differing = sorted(
+        name for name, value in current.items() if name not in RESUME_INDEPENDENT and saved.get(name) != value
+    )
     if differing:
         details = "; ".join(f"{name}: saved {saved.get(name)!r}, now {current[name]!r}" for name in differing)
-        raise SaRAError(f"--resume: options differ from the saved run in {folder.root} ({details}); resume with "
-                        f"the same options")
+        raise SaRAError(
+            f"--resume: options differ from the saved run in {folder.root} ({details}); resume with the same options"
+        )
     saved_data = metadata.get("data_fingerprint")
     if data_fingerprint is not None and saved_data is not None and saved_data != data_fingerprint:
         raise SaRAError(data_changed_message(folder))
     if int(metadata["world_size"]) != distributed.world:
-        raise SaRAError(f"--resume: the run was saved with {metadata['world_size']} processes, now {distributed.world}")
+        raise SaRAError(
+            f"--resume: the run was saved with {metadata['world_size']} processes, now {distributed.world}"
+        )
     step = int(metadata["step"])
     noise_generator.set_state(state["noise_generator"])
     optimizer.load_state_dict(state["optimizer"])
@@ -522,6 +660,7 @@ def resume_from(folder: RunFolder, config: LoopConfig, optimizer: SaRAAdamW, noi
         scaler.load_state_dict(state["grad_scaler"])
     losses = [row for row in read_loss_log(folder.loss_csv) if row.step <= step]
     if len(losses) != step:
-        raise SaRAError(f"--resume: {folder.loss_csv} has {len(losses)} rows up to step {step}; the run folder "
-                        f"was changed by hand")
+        raise SaRAError(
+            f"--resume: {folder.loss_csv} has {len(losses)} rows up to step {step}; the run folder was changed by hand"
+        )
     return step, losses

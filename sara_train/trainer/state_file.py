@@ -6,6 +6,7 @@ strings, booleans, None, lists, dicts with int or str keys) goes into the ``stru
 entry as JSON in which a tensor is ``{"tensor": "t7"}`` and a dict is ``{"dict": [[key, value],
 ...]}`` (so int keys stay ints). Loading rebuilds the same nested value, bit-exactly.
 """
+
 from __future__ import annotations
 
 import json

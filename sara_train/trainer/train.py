@@ -4,6 +4,7 @@ Load the base (diffusers folder or single file), scan and check the dataset, enc
 (cached on disk), then ``run_training`` on the UNet. VAE and text encoders stay frozen; they are
 needed again only to render validation images.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,15 @@ from .cache import build_examples, data_fingerprint, file_sha256
 from .config import TrainConfig, parse_device
 from .data import DatasetItem, scan_dataset
 from .interrupts import Interrupted, StopSignals
-from .loop import (Distributed, RunFolder, TrainResult, check_run_folder, data_changed_message, run_training,
-                   saved_data_fingerprint)
+from .loop import (
+    Distributed,
+    RunFolder,
+    TrainResult,
+    check_run_folder,
+    data_changed_message,
+    run_training,
+    saved_data_fingerprint,
+)
 from .types import TrainingExample
 
 
@@ -58,16 +66,19 @@ def train(config: TrainConfig) -> TrainResult:
     device = pick_device(config)
     folder = RunFolder(Path(config.output_dir))
     if Path(config.data).resolve() == folder.root.resolve():
-        raise SaRAError(f"--output-dir {config.output_dir} is the --data folder: the run's images (loss plot, "
-                        f"samples) would become training images; choose another folder")
+        raise SaRAError(
+            f"--output-dir {config.output_dir} is the --data folder: the run's images (loss plot, "
+            f"samples) would become training images; choose another folder"
+        )
     check_run_folder(folder, config.resume)
     doing = "starting"
     with StopSignals():
         try:
             distributed = start_processes(device)
             doing = "reading the training data"
-            items = scan_dataset(Path(config.data), caption_prefix=config.caption_prefix,
-                                 caption_extension=config.caption_extension)
+            items = scan_dataset(
+                Path(config.data), caption_prefix=config.caption_prefix, caption_extension=config.caption_extension
+            )
             image_hashes = [file_sha256(item.image_path) for item in items]
             fingerprint = data_fingerprint(items, image_hashes)
             if config.resume and saved_data_fingerprint(folder) not in (None, fingerprint):
@@ -84,15 +95,33 @@ def train(config: TrainConfig) -> TrainResult:
                     encoder.to("cpu")
         except Interrupted as stop:
             return TrainResult(None, [], None, interruption=stop, stopped_while=doing)
-        metadata = {"base": str(base.source), "base_kind": base.kind, "images": str(len(items)),
-                    "examples": str(len(examples)), "key_format": config.key_format}
-        return run_training(base.unet, base.noise_scheduler, examples, config, render_samples=render,
-                            delta_metadata=metadata, convert_delta=key_converter(base, config),
-                            data_fingerprint=fingerprint)
+        metadata = {
+            "base": str(base.source),
+            "base_kind": base.kind,
+            "images": str(len(items)),
+            "examples": str(len(examples)),
+            "key_format": config.key_format,
+        }
+        return run_training(
+            base.unet,
+            base.noise_scheduler,
+            examples,
+            config,
+            render_samples=render,
+            delta_metadata=metadata,
+            convert_delta=key_converter(base, config),
+            data_fingerprint=fingerprint,
+        )
 
 
-def encode_examples(config: TrainConfig, items: list[DatasetItem], image_hashes: list[str], base: BaseModel,
-                    device: torch.device, distributed: Distributed) -> list[TrainingExample]:
+def encode_examples(
+    config: TrainConfig,
+    items: list[DatasetItem],
+    image_hashes: list[str],
+    base: BaseModel,
+    device: torch.device,
+    distributed: Distributed,
+) -> list[TrainingExample]:
     """The training examples, from the cache or encoded (by the main process first, so the others
     read its cache files)."""
     encode_dtype = config.compute_dtype if device.type == "cuda" else torch.float32
@@ -101,11 +130,20 @@ def encode_examples(config: TrainConfig, items: list[DatasetItem], image_hashes:
     def encode() -> list[TrainingExample]:
         with torch.autocast(device.type, dtype=encode_dtype, enabled=encode_dtype != torch.float32):
             return build_examples(
-                items, resolution=config.resolution, crop=config.crop, flip=config.flip,
-                random_crop_variants=config.random_crop_variants, encode_images=base.encode_images,
-                encode_prompts=base.encode_prompts, model_fingerprint=base.fingerprint, cache_dir=cache_dir,
-                seed=config.seed, with_time_ids=base.kind == "sdxl", progress=distributed.is_main,
-                image_hashes=image_hashes)
+                items,
+                resolution=config.resolution,
+                crop=config.crop,
+                flip=config.flip,
+                random_crop_variants=config.random_crop_variants,
+                encode_images=base.encode_images,
+                encode_prompts=base.encode_prompts,
+                model_fingerprint=base.fingerprint,
+                cache_dir=cache_dir,
+                seed=config.seed,
+                with_time_ids=base.kind == "sdxl",
+                progress=distributed.is_main,
+                image_hashes=image_hashes,
+            )
 
     if distributed.is_main:
         examples = encode()
@@ -134,9 +172,13 @@ def sample_renderer(base: BaseModel, config: TrainConfig, device: torch.device):
     def render(step: int) -> list[Image.Image]:
         generator = torch.Generator(device="cpu").manual_seed(config.sample_seed)
         with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
-            return pipeline(list(config.sample_prompts), num_inference_steps=config.sample_steps,
-                            guidance_scale=config.sample_guidance, generator=generator,
-                            height=config.resolution, width=config.resolution).images
+            return pipeline(
+                list(config.sample_prompts),
+                num_inference_steps=config.sample_steps,
+                guidance_scale=config.sample_guidance,
+                generator=generator,
+                height=config.resolution,
+                width=config.resolution,
+            ).images
 
     return render
-

@@ -1,4 +1,5 @@
 """The data types the trainer's pieces hand to each other: encoded prompts and cached examples."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

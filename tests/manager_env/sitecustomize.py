@@ -6,6 +6,7 @@ returns None, as for a package that is not installed), and the editable install 
 ``sara_train`` made by ``make test`` is removed, so ComfyUI must load ``sara_train`` from the
 cloned pack itself. One line in the log shows it took effect.
 """
+
 import importlib.abc
 import importlib.machinery
 import importlib.metadata
@@ -33,7 +34,13 @@ class WithoutPackages(importlib.abc.MetaPathFinder):
         importlib.machinery.PathFinder.invalidate_caches()
 
 
-sys.meta_path[:] = [WithoutPackages() if finder is importlib.machinery.PathFinder else finder
-                    for finder in sys.meta_path if "editable" not in getattr(finder, "__name__", "").lower()]
-print(f"manager-like environment: sara_train importable on its own: {importlib.util.find_spec('sara_train') is not None}; "
-      f"blocked: {sorted(NOT_INSTALLED)}", flush=True)
+sys.meta_path[:] = [
+    WithoutPackages() if finder is importlib.machinery.PathFinder else finder
+    for finder in sys.meta_path
+    if "editable" not in getattr(finder, "__name__", "").lower()
+]
+found = importlib.util.find_spec("sara_train") is not None
+print(
+    f"manager-like environment: sara_train importable on its own: {found}; blocked: {sorted(NOT_INSTALLED)}",
+    flush=True,
+)
