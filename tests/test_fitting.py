@@ -1,6 +1,7 @@
 """The one delta path's placement rules, with a toy model family whose attention is split (to_q, to_k,
 to_v) in one naming and fused (qkv, stacked along the first dimension) in the other: indices are
 remapped, not just renamed, in both directions, and applying either way gives the same weights."""
+
 from __future__ import annotations
 
 import pytest
@@ -44,8 +45,9 @@ class ToyNaming:
                 offset = self.PARTS.index(module) * WIDTH
                 placed[key] = (Piece(f"qkv.{param}", 0, WIDTH, offset),)
             elif module == "qkv" and f"to_q.{param}" in target:  # fused -> split
-                placed[key] = tuple(Piece(f"{part}.{param}", i * WIDTH, (i + 1) * WIDTH, 0)
-                                    for i, part in enumerate(self.PARTS))
+                placed[key] = tuple(
+                    Piece(f"{part}.{param}", i * WIDTH, (i + 1) * WIDTH, 0) for i, part in enumerate(self.PARTS)
+                )
             elif key in target:
                 placed[key] = whole(key, shape)
             else:
@@ -85,8 +87,8 @@ def trained_delta(model: nn.Module) -> sara_train.SparseDelta:
 def as_split(fused_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {"proj.weight": fused_state["proj.weight"], "proj.bias": fused_state["proj.bias"]}
     for i, part in enumerate(ToyNaming.PARTS):
-        out[f"{part}.weight"] = fused_state["qkv.weight"][i * WIDTH:(i + 1) * WIDTH]
-        out[f"{part}.bias"] = fused_state["qkv.bias"][i * WIDTH:(i + 1) * WIDTH]
+        out[f"{part}.weight"] = fused_state["qkv.weight"][i * WIDTH : (i + 1) * WIDTH]
+        out[f"{part}.bias"] = fused_state["qkv.bias"][i * WIDTH : (i + 1) * WIDTH]
     return out
 
 
@@ -108,8 +110,13 @@ def test_fused_placement_moves_indices_into_their_rows(toy_naming) -> None:
     assert set(fitted.layers) <= {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias"}
     qkv = fitted.layers["qkv.weight"]
     assert qkv.shape == (3 * WIDTH, WIDTH)
-    expected = torch.cat([delta.layers[f"{part}.weight"].flat_indices.long() + i * WIDTH * WIDTH
-                          for i, part in enumerate(ToyNaming.PARTS) if f"{part}.weight" in delta.layers])
+    expected = torch.cat(
+        [
+            delta.layers[f"{part}.weight"].flat_indices.long() + i * WIDTH * WIDTH
+            for i, part in enumerate(ToyNaming.PARTS)
+            if f"{part}.weight" in delta.layers
+        ]
+    )
     assert torch.equal(qkv.flat_indices.long(), expected.sort().values)
     assert fitted.num_entries == delta.num_entries
 
