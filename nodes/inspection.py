@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import comfy.model_management
 import folder_paths
 import numpy as np
 import torch
@@ -39,6 +40,9 @@ class SaRAInspect(io.ComfyNode):
     @classmethod
     def execute(cls, model, budgets: str, delta_name: str) -> io.NodeOutput:
         fractions = parse_budgets(budgets)
+        # The module may still hold another clone's patches (e.g. a SaRA Load sampled just before):
+        # loading this model makes ComfyUI put its own weights back, so the base is what is measured.
+        comfy.model_management.load_models_gpu([model])
         targets = find_targets(model.model.diffusion_model, sara_train.SaRAConfig())
         weights = [getattr(t.module, t.param_name) for t in targets]
         thresholds = {f"{b:.1%}": threshold_for_budget(weights, b) for b in fractions}

@@ -26,6 +26,9 @@ log = logging.getLogger("comfyui-sara")
 LOSS_EVENT = "sara.loss"
 RANK_LAYERS_PER_STEP = 4
 """Layers whose nuclear norm is taken per step, in rotation (the README's benchmark gives its cost)."""
+TRAINING_MEMORY_FACTOR = 3
+"""Device memory kept free for a training step, in units of ComfyUI's inference estimate for the
+batch (activations saved for backward, gradients of the sparse values)."""
 TRAINING_DTYPES = ("bf16", "fp32")
 """Compute dtypes offered (names of ``sara_train.DTYPES``); fp32 trains in the model's own precision."""
 
@@ -196,11 +199,17 @@ def train(
     on_step: Callable[[StepReport], None],
     should_stop: Callable[[], bool],
 ) -> TrainOutcome:
-    """Train SaRA on a clone of ``model`` (a ModelPatcher) through ComfyUI's sampling machinery."""
+    """Train SaRA on a clone of ``model`` (a ModelPatcher) through ComfyUI's sampling machinery.
+
+    The model is loaded the way ComfyUI loads it for sampling, with room kept for the training
+    batch's activations: fully when it fits, else partially (lowvram: the other layers stay where
+    they are and are cast per forward, which SaRA's sparse weights follow)."""
     patcher = model.clone()
     if settings.autocast_dtype is not None:
         patcher.set_model_compute_dtype(settings.autocast_dtype)
-    comfy.model_management.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
+    batch_shape = (settings.batch_size, *data.buckets[0].latents.shape[1:])
+    reserve = TRAINING_MEMORY_FACTOR * patcher.memory_required(batch_shape)
+    comfy.model_management.load_models_gpu([patcher], memory_required=reserve)
     flat_conditioning, slices = [], []
     for conditioning in data.conditionings:
         slices.append(slice(len(flat_conditioning), len(flat_conditioning) + len(conditioning)))

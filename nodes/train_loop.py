@@ -12,6 +12,7 @@ output space (``x0_per_model_output``). Afterwards the learned update is taken a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from torch import nn
 
 import sara_train
 from sara_train import SaRAConfig, SparseDelta
+from sara_train.engine.inplace import out_of_place_augmented_assignments
 
 from .train_data import Bucket, TrainingSet
 
@@ -116,7 +118,7 @@ class SaRATrainSampler(comfy.samplers.Sampler):
             optimizer = sara_train.SaRAAdamW(  # on failure it leaves the shared network as it was
                 network,
                 lr=self.settings.learning_rate,
-                config=self.settings.selection,
+                config=selection_for(network, self.settings.selection, self.settings.autocast_dtype),
                 rank_weight=self.settings.rank_weight,
                 rank_layers_per_step=self.settings.rank_layers_per_step,
                 progressive_at=self.settings.progressive_at,
@@ -197,13 +199,28 @@ class SaRATrainSampler(comfy.samplers.Sampler):
             model_wrap.conds["positive"] = all_conds[self.conditioning_slices[conditioning_id]]
             index = torch.tensor(positions, device=device)
             dtype = self.settings.autocast_dtype
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            with (
+                torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+                out_of_place_augmented_assignments(),
+            ):
                 prediction = model_wrap(noisy[index], sigma[index], **extra_args)
             loss = F.mse_loss(prediction.float() / output_scale[index], target[index].float() / output_scale[index])
             share = len(positions) / len(rows)
             (loss * (share / self.settings.grad_accumulation)).backward()
             total += float(loss.detach()) * share
         return total
+
+
+def selection_for(network: nn.Module, selection: SaRAConfig, autocast_dtype: torch.dtype | None) -> SaRAConfig:
+    """``selection``, in the overlay mode (``SaRAConfig.overlay_dtype``) when some weight is stored in
+    fewer bits than the training computes in (fp8 storage, or bf16/fp16 storage trained in fp32):
+    the update and its gradient then stay in the compute dtype and the stored weights are never
+    written. Otherwise the exact in-place mode."""
+    compute = autocast_dtype or torch.float32
+    stored = {param.dtype for param in network.parameters() if param.is_floating_point()}
+    if any(torch.finfo(dtype).bits < torch.finfo(compute).bits for dtype in stored):
+        return dataclasses.replace(selection, overlay_dtype=compute)
+    return selection
 
 
 @torch.no_grad()
@@ -267,7 +284,13 @@ def checkpointed_blocks(root: nn.Module) -> Iterator[None]:
 
 
 def _checkpointed(forward: Callable, *args, **kwargs):
-    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return torch.utils.checkpoint.checkpoint(_out_of_place, forward, *args, use_reentrant=False, **kwargs)
+
+
+def _out_of_place(forward: Callable, *args, **kwargs):
+    """``forward`` with augmented assignments made out of place, also when checkpointing recomputes it."""
+    with out_of_place_augmented_assignments():
+        return forward(*args, **kwargs)
 
 
 class CancelWatch:

@@ -142,9 +142,12 @@ def test_merge_checkpoint_node_bakes_stacked_deltas(comfy) -> None:
 
 
 def test_inspect_reports_the_thresholds_sara_would_use(comfy) -> None:
+    """Also right after sampling with a SaRA-loaded copy of the same model (whose patched weights the
+    shared module then holds): Inspect measures the model it is given, not the last one sampled."""
     server, base = comfy
+    server.run_ok(sample_graph("tiny_full.safetensors", "before_inspect", delta="a.safetensors", strength=10.0))
     graph = {
-        "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny.safetensors", "weight_dtype": "default"}},
+        "unet": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_full.safetensors"}},
         "inspect": {
             "class_type": "SaRAInspect",
             "inputs": {"model": ["unet", 0], "budgets": "0.01, 0.05", "delta_name": "a.safetensors"},

@@ -102,7 +102,7 @@ def zero_small_weights_effect(
         try:
             zeroed = 0
             for weight in weights:
-                positions = (weight.detach().reshape(-1).abs().float() < threshold).nonzero().squeeze(1)
+                positions = (weight.detach().reshape(-1).float().abs() < threshold).nonzero().squeeze(1)
                 restore_point.remember(weight, positions)
                 weight.view(-1)[positions] = 0
                 zeroed += positions.numel()
@@ -119,6 +119,6 @@ def magnitude_histogram(weights: Iterable[torch.Tensor], bins: int = 90) -> tupl
     low, high = LOG10_RANGE
     counts = torch.zeros(bins, dtype=torch.float64)
     for w in weights:
-        logs = w.detach().reshape(-1).abs().float().clamp_min(10.0**low).log10().clamp_max(high)
+        logs = w.detach().reshape(-1).float().abs().clamp_min(10.0**low).log10().clamp_max(high)
         counts += torch.histc(logs, bins=bins, min=low, max=high).double().cpu()
     return torch.linspace(low, high, bins + 1), counts

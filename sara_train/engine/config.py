@@ -51,6 +51,11 @@ class SaRAConfig:
     """Dtype of the trainable values (fp32 masters by default, whatever the weights' dtype)."""
     probe_size: int = 4
     """Largest-|w| entries per weight recorded as the base fingerprint of a delta."""
+    overlay_dtype: torch.dtype | None = None
+    """None: trained values are written into the stored weights (exact for fp32, fp32-master mixed
+    precision for bf16/fp16). A dtype: the stored weights are never written; each forward uses a
+    copy in this dtype with the trained values in place (for weights stored in fp8, or whenever the
+    update must not be rounded to the storage dtype). See ``sara_train.engine.sparse``."""
 
     def __post_init__(self) -> None:
         if self.threshold is not None and self.budget is not None:
@@ -68,6 +73,10 @@ class SaRAConfig:
                 raise SaRAError(f"SaRAConfig: a fractional budget must be in (0, 1], got {self.budget}")
             if isinstance(self.budget, int) and self.budget < 1:
                 raise SaRAError(f"SaRAConfig: a count budget must be >= 1, got {self.budget}")
+        if self.overlay_dtype is not None and self.overlay_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise SaRAError(
+                f"SaRAConfig: overlay_dtype must be float32, bfloat16 or float16, got {self.overlay_dtype}"
+            )
         if not self.values_dtype.is_floating_point:
             raise SaRAError(f"SaRAConfig: values_dtype must be a float dtype, got {self.values_dtype}")
         if self.probe_size < 1:

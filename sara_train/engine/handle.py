@@ -35,7 +35,7 @@ def inject(model: nn.Module, config: SaRAConfig | None = None) -> SaRAHandle:
     weights = {t.name: getattr(t.module, t.param_name) for t in targets}
     threshold, flat_indices = select_entries(weights, config)
     if not flat_indices:
-        smallest = min(float(w.detach().abs().float().min()) for w in weights.values())
+        smallest = min(float(w.detach().float().abs().min()) for w in weights.values())
         raise SaRAError(
             f"threshold {threshold:g} selects no entries: the smallest |w| of the targeted weights "
             f"is {smallest:g}; raise the threshold or give a budget"
@@ -49,7 +49,11 @@ def inject(model: nn.Module, config: SaRAConfig | None = None) -> SaRAHandle:
             if target.name not in flat_indices:
                 continue
             update = SparseUpdate(
-                weights[target.name], flat_indices[target.name], config.values_dtype, config.probe_size
+                weights[target.name],
+                flat_indices[target.name],
+                config.values_dtype,
+                config.probe_size,
+                config.overlay_dtype,
             )
             parametrize.register_parametrization(target.module, target.param_name, update, unsafe=True)
             handle.add_layer(target, update)
@@ -205,7 +209,8 @@ class SaRAHandle:
             weight = self.weight(name)
             update.restore_base_into(weight)
             update.load_state_dict(layers[name])
-            update.write_all_into(weight)
+            if update.overlay_dtype is None:
+                update.write_all_into(weight)
         self._rank_cursor = int(state["rank_cursor"])
 
     # ----------------------------------------------------------------- results
@@ -228,16 +233,15 @@ class SaRAHandle:
     @torch.no_grad()
     def remove(self, merge: bool = True) -> None:
         """Restore plain modules (same parameter objects, original ``requires_grad`` flags) with the
-        learned update merged into the weights, or with ``merge=False`` the pretrained weights
-        bit-exactly (take ``delta()`` first to keep what was learned). The handle is unusable
-        afterwards."""
+        learned update merged into the weights (rounded once to their dtype), or with ``merge=False``
+        the pretrained weights bit-exactly (take ``delta()`` first to keep what was learned). The
+        handle is unusable afterwards."""
         if self.removed:
             return
         for name, update in self.layers.items():
             target = self._targets[name]
             if merge:
-                update._synced_version = None
-                update.write_values_into(self.weight(name))
+                update.write_all_into(self.weight(name))
             else:
                 update.restore_base_into(self.weight(name))
             parametrize.remove_parametrizations(target.module, target.param_name, leave_parametrized=False)

@@ -77,7 +77,7 @@ def find_targets(model: nn.Module, config: SaRAConfig) -> list[Target]:
 
 def _magnitude_bits(weight: torch.Tensor) -> torch.Tensor:
     """int32 bit patterns of ``|weight|`` as float32, flattened; ordered like the magnitudes."""
-    return weight.detach().reshape(-1).abs().float().view(torch.int32)
+    return weight.detach().reshape(-1).float().abs().view(torch.int32)
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ def select_entries(weights: Mapping[str, torch.Tensor], config: SaRAConfig) -> t
     if config.threshold is not None:
         threshold = float(config.threshold)
         for name, w in weights.items():
-            keep(name, w.detach().reshape(-1).abs().float() < threshold)
+            keep(name, w.detach().reshape(-1).float().abs() < threshold)
         return threshold, flat_indices
     total = sum(w.numel() for w in weights.values())
     k = budget_to_count(config.budget, total)

@@ -2,12 +2,20 @@
 
 ``SparseUpdate`` is a ``torch.nn.utils.parametrize`` parametrization. The module keeps its own
 weight tensor (frozen, original dtype); the trainable entries live in ``values``, a separate leaf
-of shape ``[k]`` (fp32 masters by default). Before a forward, the current ``values`` are written
-into the weight at ``flat_indices`` (only when they changed since the last write, so gradient
-checkpointing and gradient accumulation never touch a weight that autograd saved). The weight is
-then passed on as an alias, no copy. In backward the layer's usual weight gradient is formed for
-this one layer only, and ``_SparseWeight.backward`` keeps just the ``k`` selected entries of it:
-no dense gradient or optimizer state outlives the layer being back-propagated.
+of shape ``[k]`` (fp32 masters by default). It hands the weight to the layer in one of two ways:
+
+* **in place** (default): before a forward, the current ``values`` are written into the stored
+  weight at ``flat_indices`` (only when they changed since the last write, so gradient
+  checkpointing and gradient accumulation never touch a weight that autograd saved), and the
+  weight is passed on as an alias, no copy. Exact for fp32 weights, and the usual fp32-master
+  mixed precision for bf16/fp16 ones.
+* **overlay** (``overlay_dtype`` set): the stored weight is never written; each forward makes the
+  copy of the weight in ``overlay_dtype`` that a low-precision model casts to anyway and puts the
+  trained values there. For weights stored in fp8 (or bf16/fp16) whose storage cannot hold a
+  small update: the update, and the gradient reaching it, stay in the compute dtype.
+
+In backward the layer's usual weight gradient is formed for this one layer only and just its
+``k`` selected entries are kept: no dense gradient or optimizer state outlives the layer.
 """
 
 from __future__ import annotations
@@ -36,10 +44,40 @@ class _SparseWeight(torch.autograd.Function):
         return grad_values, None, None
 
 
+class _SparseOverlay(torch.autograd.Function):
+    """A copy of ``weight`` in ``dtype`` with ``frozen_values`` at ``frozen_indices`` and ``values`` at
+    ``flat_indices``; the gradient flows to ``values`` only (the stored weight is frozen)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        values: torch.Tensor,
+        weight: torch.Tensor,
+        flat_indices: torch.Tensor,
+        frozen_indices: torch.Tensor,
+        frozen_values: torch.Tensor,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(flat_indices)
+        ctx.values_dtype = values.dtype
+        out = weight.detach().to(dtype, copy=True)
+        flat = out.view(-1)
+        flat[frozen_indices] = frozen_values.to(dtype)
+        flat[flat_indices] = values.detach().to(dtype)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None, None]:
+        (flat_indices,) = ctx.saved_tensors
+        grad_values = grad_out.reshape(-1).index_select(0, flat_indices).to(ctx.values_dtype)
+        return grad_values, None, None, None, None, None
+
+
 def probe_positions(flat_weight: torch.Tensor, flat_indices: torch.Tensor, probe_size: int) -> torch.Tensor:
     """Sorted int32 positions of the ``probe_size`` largest-|w| entries of a flattened base weight,
     excluding the trained ``flat_indices``: the base fingerprint a delta carries."""
-    magnitudes = flat_weight.detach().abs().float()
+    magnitudes = flat_weight.detach().float().abs()
     magnitudes[flat_indices] = -1.0  # trained entries are never probes
     unselected = flat_weight.numel() - flat_indices.numel()
     return magnitudes.topk(min(probe_size, unselected)).indices.sort().values.to(torch.int32)
@@ -61,6 +99,7 @@ class SparseUpdate(nn.Module):
         (never selected), the fingerprint a delta carries to recognise its base model
     Parameter:
       values        [k]        current values of the trainable entries (``values_dtype``)
+    ``overlay_dtype``: None for the in-place mode, else the dtype of the overlay copy (module docstring).
 
     ``state_dict()`` / ``load_state_dict()`` carry all of them; loading accepts other sizes (a
     state saved after a progressive step) and resizes the buffers and ``values`` (a new Parameter).
@@ -73,8 +112,10 @@ class SparseUpdate(nn.Module):
         flat_indices: torch.Tensor,
         values_dtype: torch.dtype = torch.float32,
         probe_size: int = 4,
+        overlay_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self.overlay_dtype = overlay_dtype
         if not weight.is_contiguous():
             raise SaRAError(
                 "SaRA needs contiguous weights (got a non-contiguous tensor, e.g. "
@@ -94,6 +135,10 @@ class SparseUpdate(nn.Module):
         self._synced_version: int | None = None
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.overlay_dtype is not None:
+            return _SparseOverlay.apply(
+                self.values, weight, self.flat_indices, self.frozen_indices, self.frozen_values, self.overlay_dtype
+            )
         if self.values.numel() == 0:
             return weight  # nothing trainable left: no weight gradient is computed at all
         self.write_values_into(weight)
@@ -101,8 +146,9 @@ class SparseUpdate(nn.Module):
 
     @torch.no_grad()
     def write_values_into(self, weight: torch.Tensor) -> None:
-        """Copy ``values`` into ``weight`` at ``flat_indices`` if they changed since last time."""
-        if self.values._version == self._synced_version:
+        """Copy ``values`` into ``weight`` at ``flat_indices`` if they changed since last time (the
+        in-place mode; in the overlay mode the stored weight is never written)."""
+        if self.overlay_dtype is not None or self.values._version == self._synced_version:
             return
         weight.view(-1)[self.flat_indices] = self.values.detach().to(weight.dtype)
         self._synced_version = self.values._version
@@ -144,11 +190,12 @@ class SparseUpdate(nn.Module):
 
     @torch.no_grad()
     def write_all_into(self, weight: torch.Tensor) -> None:
-        """Write the frozen entries' values and the current ``values`` into ``weight`` (in its dtype,
-        as training left them there)."""
-        weight.view(-1)[self.frozen_indices] = self.frozen_values.to(weight.dtype)
-        self._synced_version = None
-        self.write_values_into(weight)
+        """Write the frozen entries' values and the current ``values`` into ``weight`` in its dtype,
+        as training in the in-place mode leaves them there (also used to merge at removal)."""
+        flat = weight.view(-1)
+        flat[self.frozen_indices] = self.frozen_values.to(weight.dtype)
+        flat[self.flat_indices] = self.values.detach().to(weight.dtype)
+        self._synced_version = self.values._version
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -173,7 +220,8 @@ class SparseUpdate(nn.Module):
     @torch.no_grad()
     def restore_base_into(self, weight: torch.Tensor) -> None:
         """Write the pretrained values back into ``weight`` at every entry this update ever trained,
-        bit-exactly (the weight is as before injection); ``values`` are left as they are."""
+        bit-exactly (the weight is as before injection); ``values`` are left as they are. (A no-op
+        change in the overlay mode, where the stored weight was never written.)"""
         weight.view(-1)[self.flat_indices] = self.base_values
         weight.view(-1)[self.frozen_indices] = self.frozen_base
         self._synced_version = None
