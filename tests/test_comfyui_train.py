@@ -15,58 +15,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sara_train
-from tools.comfyui_graphs import CKPT, saved_delta, train_graph, with_save
+from tools.comfyui_graphs import (
+    CKPT,
+    output_file,
+    saved_delta,
+    train_graph,
+    unet_of,
+    with_model_save,
+    with_sampling,
+    with_save,
+)
 from tools.comfyui_server import execution_error
-
-
-def with_model_save(graph: dict, model: list, prefix: str) -> dict:
-    graph[f"modelsave_{prefix}"] = {
-        "class_type": "ModelSave",
-        "inputs": {"model": model, "filename_prefix": f"diffusion_models/tr_{prefix}"},
-    }
-    return graph
-
-
-def with_sampling(graph: dict, model: list, prefix: str) -> dict:
-    graph[f"empty_{prefix}"] = {
-        "class_type": "EmptyLatentImage",
-        "inputs": {"width": 64, "height": 64, "batch_size": 1},
-    }
-    graph[f"ks_{prefix}"] = {
-        "class_type": "KSampler",
-        "inputs": {
-            "model": model,
-            "positive": ["pos", 0],
-            "negative": ["pos", 0],
-            "latent_image": [f"empty_{prefix}", 0],
-            "seed": 3,
-            "steps": 2,
-            "cfg": 1.0,
-            "sampler_name": "euler",
-            "scheduler": "normal",
-            "denoise": 1.0,
-        },
-    }
-    graph[f"sl_{prefix}"] = {
-        "class_type": "SaveLatent",
-        "inputs": {"samples": [f"ks_{prefix}", 0], "filename_prefix": f"latents/tr_{prefix}"},
-    }
-    return graph
-
-
-def output_file(server, folder: str, prefix: str) -> str:
-    """The one file a ModelSave / SaveLatent of this module wrote with ``prefix``."""
-    matches = sorted((server.base / "output" / folder).glob(f"tr_{prefix}_0*"))
-    assert len(matches) == 1, matches
-    return str(matches[0])
-
-
-def unet_of(checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {
-        k.removeprefix("model.diffusion_model."): v
-        for k, v in checkpoint.items()
-        if k.startswith("model.diffusion_model.")
-    }
 
 
 @pytest.fixture(scope="module")

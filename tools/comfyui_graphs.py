@@ -82,3 +82,57 @@ def saved_delta(comfyui_base: Path, prefix: str) -> Path:
     if not files:
         raise FileNotFoundError(f"no saved delta {prefix}_NNNNN_.safetensors in {comfyui_base}/models/sara")
     return files[-1]
+
+
+def with_model_save(graph: dict, model: list, prefix: str) -> dict:
+    """``graph`` plus ModelSave of ``model`` as ``output/diffusion_models/tr_<prefix>_NNNNN_.safetensors``."""
+    graph[f"modelsave_{prefix}"] = {
+        "class_type": "ModelSave",
+        "inputs": {"model": model, "filename_prefix": f"diffusion_models/tr_{prefix}"},
+    }
+    return graph
+
+
+def with_sampling(graph: dict, model: list, prefix: str) -> dict:
+    """``graph`` plus 2 Euler steps of a 64x64 SD latent with ``model`` (prompt node ``pos``), saved
+    as ``output/latents/tr_<prefix>_NNNNN_.latent``."""
+    graph[f"empty_{prefix}"] = {
+        "class_type": "EmptyLatentImage",
+        "inputs": {"width": 64, "height": 64, "batch_size": 1},
+    }
+    graph[f"ks_{prefix}"] = {
+        "class_type": "KSampler",
+        "inputs": {
+            "model": model,
+            "positive": ["pos", 0],
+            "negative": ["pos", 0],
+            "latent_image": [f"empty_{prefix}", 0],
+            "seed": 3,
+            "steps": 2,
+            "cfg": 1.0,
+            "sampler_name": "euler",
+            "scheduler": "normal",
+            "denoise": 1.0,
+        },
+    }
+    graph[f"sl_{prefix}"] = {
+        "class_type": "SaveLatent",
+        "inputs": {"samples": [f"ks_{prefix}", 0], "filename_prefix": f"latents/tr_{prefix}"},
+    }
+    return graph
+
+
+def output_file(server, folder: str, prefix: str) -> str:
+    """The one file a ModelSave / SaveLatent of this module wrote with ``prefix``."""
+    matches = sorted((server.base / "output" / folder).glob(f"tr_{prefix}_0*"))
+    assert len(matches) == 1, matches
+    return str(matches[0])
+
+
+def unet_of(checkpoint: dict) -> dict:
+    """The diffusion model's tensors of a saved checkpoint, without the ``model.diffusion_model.`` prefix."""
+    return {
+        k.removeprefix("model.diffusion_model."): v
+        for k, v in checkpoint.items()
+        if k.startswith("model.diffusion_model.")
+    }
