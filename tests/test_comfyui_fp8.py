@@ -106,4 +106,5 @@ def test_sara_load_rounds_an_fp8_patch_like_comfyui_rounds_loras(comfy, fp8_run)
         f"{moved / error.numel():.1%} of the touched entries changed their fp8 value"
     )
     assert patched[next(iter(delta.layers))].dtype == torch.float8_e4m3fn
-    assert error.mean() < 2 * size.mean()  # within rounding of fp8 around the base: not lost, not doubled
+    # fp8 keeps 3 mantissa bits: stochastic rounding of base + delta is off by under one step (1/8 relative)
+    assert error.mean() < 0.15 * size.mean()
