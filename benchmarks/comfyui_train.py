@@ -26,13 +26,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from tools.comfyui_models import write_model
 from tools.comfyui_server import (
     REPO,
     ComfyUIServer,
     comfyui_dir,
     make_delta,
     write_tiny_sd15_checkpoint,
-    write_tiny_unet,
     write_training_images,
 )
 
@@ -251,7 +251,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
-        unet_path = write_tiny_unet(base / "models" / "unet" / "tiny.safetensors")
+        unet_path = write_model("sd15", base / "models" / "unet" / "tiny.safetensors")
         write_tiny_sd15_checkpoint(unet_path, base / "models" / "checkpoints" / CKPT)
         write_training_images(base / "input", count=2, size=args.image_size)
         unet_sd = load_file(str(unet_path))

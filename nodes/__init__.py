@@ -9,7 +9,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .inspection import SaRAInspect
 from .loader import SaRAApply, SaRALoader
-from .merge import SaRAMergeCheckpoint
+from .merge import SaRAMergeCheckpoint, SaRAMergeDiffusionModel
 from .save import SaRASave
 from .train import SaRATrain
 
@@ -18,4 +18,4 @@ folder_paths.add_model_folder_path("sara", os.path.join(folder_paths.models_dir,
 
 class SaRAExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [SaRATrain, SaRASave, SaRALoader, SaRAApply, SaRAMergeCheckpoint, SaRAInspect]
+        return [SaRATrain, SaRASave, SaRALoader, SaRAApply, SaRAMergeCheckpoint, SaRAMergeDiffusionModel, SaRAInspect]

@@ -52,10 +52,16 @@ def patch_model(model, delta: sara_train.SparseDelta, strength: float, check_bas
     one delta path (any key naming a model family knows), and the strength (finite), shapes and
     base weights are checked against the unpatched weights first (``SaRAError`` /
     ``DeltaMismatchError``), so a bad input leaves ``model`` untouched.
+
+    The weights a clone currently has patched in place are read from the backups clones share:
+    ComfyUI rounds patched fp8 weights stochastically, which can move an entry no patch touches by
+    one fp8 step, so the patched values would fail the base check of a delta trained on the base.
     """
     strength = check_strength(strength)
     patcher = model.clone()
-    fitted = fit_to_tensors(delta, patcher.model.state_dict(), check_base, "the model")
+    unpatched = patcher.model.state_dict()
+    unpatched.update({key: backup.weight for key, backup in patcher.backup.items() if key in unpatched})
+    fitted = fit_to_tensors(delta, unpatched, check_base, "the model")
     patches = {
         key: SaRAWeightAdapter({key}, [layer.flat_indices, layer.values]) for key, layer in fitted.layers.items()
     }

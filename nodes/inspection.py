@@ -48,8 +48,10 @@ class SaRAInspect(io.ComfyNode):
         thresholds = {f"{b:.1%}": threshold_for_budget(weights, b) for b in fractions}
         edges, counts = magnitude_histogram(weights)
         image = np.asarray(draw_histogram(edges, counts, thresholds), dtype=np.float32) / 255.0
-        lines = [f"model: {type(model.model.model_config).__name__}, weights stored as {weights[0].dtype}",
-                 f"targeted weights: {len(weights)} tensors, {sum(w.numel() for w in weights):,} entries"]
+        lines = [
+            f"model: {type(model.model.model_config).__name__}, weights stored as {weights[0].dtype}",
+            f"targeted weights: {len(weights)} tensors, {sum(w.numel() for w in weights):,} entries",
+        ]
         lines += [f"budget {label} -> threshold {value:.6g}" for label, value in thresholds.items()]
         if delta_name != NONE:
             delta = sara_train.SparseDelta.load(folder_paths.get_full_path_or_raise("sara", delta_name))

@@ -64,17 +64,17 @@ def comfy(tmp_path_factory):
 
     from safetensors.torch import load_file, save_file
 
+    from tools.comfyui_models import write_model
     from tools.comfyui_server import (
         ComfyUIServer,
         make_delta,
         make_lora,
         write_tiny_sd15_checkpoint,
-        write_tiny_unet,
         write_training_images,
     )
 
     base_dir = tmp_path_factory.mktemp("comfyui")
-    unet_path = write_tiny_unet(base_dir / "models" / "unet" / "tiny.safetensors")
+    unet_path = write_model("sd15", base_dir / "models" / "unet" / "tiny.safetensors")
     base = load_file(str(unet_path))
     sara_dir = base_dir / "models" / "sara"
     sara_dir.mkdir(parents=True)

@@ -97,3 +97,13 @@ def test_merge_refuses_unknown_keys_and_non_safetensors(checkpoint, tmp_path: Pa
     with pytest.raises(sara_train.SaRAError, match="not a safetensors file"):
         sara_train.merge_checkpoint(fake, make_delta(delta_base(), 1, budget=0.2), tmp_path / "y.safetensors")
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "y.safetensors").exists()
+
+
+def test_merge_refuses_fp8_weights_with_the_reason(checkpoint, tmp_path: Path) -> None:
+    path, tensors = checkpoint
+    fp8 = {k: (v.to(torch.float8_e4m3fn) if k.startswith(PREFIX) and v.dim() > 1 else v) for k, v in tensors.items()}
+    fp8_path = tmp_path / "fp8.safetensors"
+    save_file(fp8, str(fp8_path))
+    with pytest.raises(sara_train.DeltaMismatchError, match=r"stored in fp8 \(F8_E4M3\).*bf16/fp16/fp32 file"):
+        sara_train.merge_checkpoint(fp8_path, make_delta(delta_base(), 1, budget=0.2), tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()

@@ -32,7 +32,15 @@ def test_every_node_imports_and_runs_without_the_trainer_packages(manager_server
     assert (
         "importable on its own: False; blocked: ['accelerate', 'diffusers', 'matplotlib', 'peft']" in server.read_log()
     )
-    for node in ("SaRATrain", "SaRASave", "SaRALoader", "SaRAApply", "SaRAMergeCheckpoint", "SaRAInspect"):
+    for node in (
+        "SaRATrain",
+        "SaRASave",
+        "SaRALoader",
+        "SaRAApply",
+        "SaRAMergeCheckpoint",
+        "SaRAMergeDiffusionModel",
+        "SaRAInspect",
+    ):
         assert node in server.get(f"/object_info/{node}"), node
     graph = with_save(train_graph(steps=2), "manager")
     graph["load"] = {

@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from sara_train import SparseDelta
 from sara_train.cli import main as sara_train_main
 from sara_train.families.sd_unet import delta_to_diffusers_keys, unet_key_naming, unet_layout_from_ldm_keys
-from tools.comfyui_server import make_delta, write_tiny_unet
+from tools.comfyui_models import write_model
+from tools.comfyui_server import make_delta
 
 PREFIX = "model.diffusion_model."
 
@@ -26,7 +27,7 @@ def family(request, comfy) -> dict:
     server, _ = comfy
     name = request.param
     models = server.base / "models"
-    unet = write_tiny_unet(models / "unet" / f"naming_{name}.safetensors", name)
+    unet = write_model(name, models / "unet" / f"naming_{name}.safetensors")
     base = load_file(str(unet))
     checkpoint = models / "checkpoints" / f"naming_{name}.safetensors"
     save_file({PREFIX + key: value for key, value in base.items()}, str(checkpoint))

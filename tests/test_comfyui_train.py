@@ -67,6 +67,7 @@ def test_object_info_lists_every_node_with_its_inputs(comfy) -> None:
         "SaRALoader": {"model", "delta_name", "strength"},
         "SaRAApply": {"model", "delta", "strength"},
         "SaRAMergeCheckpoint": {"ckpt_name", "delta_1", "strength_1", "filename_prefix"},
+        "SaRAMergeDiffusionModel": {"unet_name", "delta_1", "strength_1", "filename_prefix"},
         "SaRAInspect": {"model", "budgets"},
     }
     for node, inputs in expected.items():

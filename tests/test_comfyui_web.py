@@ -120,3 +120,23 @@ def test_load_example_runs_through_the_http_api(comfy, page) -> None:
     images = [image for output in entry["outputs"].values() for image in output.get("images", [])]
     assert images and images[0]["filename"].startswith("web_load_example")
     screenshot(page, "sara_load_workflow.png")
+
+
+def test_flux_example_converts_to_a_prompt_of_known_nodes(comfy, page) -> None:
+    """The Flux example (fp8 UNETLoader -> SaRA Train with FluxGuidance conditioning -> KSampler)
+    loads in the front end and converts to an API prompt of nodes this server knows, wired as
+    built. It is not run: that needs the real Flux, CLIP-L/T5 and VAE files."""
+    server, _ = comfy
+    page.load(json.loads((EXAMPLES / "sara_flux_train_and_sample.json").read_text()))
+    prompt = page.to_api_prompt()
+    known = server.get("/object_info")
+    assert {node["class_type"] for node in prompt.values()} <= known.keys()
+    by_type = {node["class_type"]: (key, node["inputs"]) for key, node in prompt.items()}
+    unet_key, unet_inputs = by_type["UNETLoader"]
+    assert unet_inputs["weight_dtype"] == "fp8_e4m3fn"
+    _, train_inputs = by_type["SaRATrain"]
+    assert train_inputs["model"] == [unet_key, 0]
+    assert train_inputs["positive"] == [by_type["FluxGuidance"][0], 0]
+    assert train_inputs["training_dtype"] == "bf16" and train_inputs["gradient_checkpointing"] is True
+    assert by_type["KSampler"][1]["model"] == [by_type["SaRATrain"][0], 0]
+    assert by_type["SaRASave"][1]["delta"] == [by_type["SaRATrain"][0], 1]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.utils.checkpoint
 
 from sara_train.engine.inplace import out_of_place_augmented_assignments
 
@@ -54,3 +55,28 @@ def test_tensors_outside_the_graph_keep_in_place_updates() -> None:
     with out_of_place_augmented_assignments():
         counts += 1
     assert alias is counts and torch.equal(alias, torch.ones(3))
+
+
+def test_a_frozen_input_updated_by_a_trained_branch_is_recomputed_alike_under_checkpointing() -> None:
+    """``x += branch(x)`` where ``x`` comes from frozen layers and the branch is trained: in place,
+    ``x`` would join the graph and change under the checkpoint, whose recomputation starts from it."""
+    generator = torch.Generator().manual_seed(1)
+    w = torch.randn(4, 4, generator=generator, requires_grad=True)
+    x0 = torch.randn(3, 4, generator=generator)
+
+    def block(x: torch.Tensor) -> torch.Tensor:
+        with out_of_place_augmented_assignments():
+            h = torch.nn.functional.layer_norm(x, x.shape[-1:])
+            x += h @ w
+            return torch.nn.functional.layer_norm(x, x.shape[-1:]) @ w
+
+    x = x0.clone()
+    out = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+    out.sum().backward()
+    grad, w.grad = w.grad.clone(), None
+    assert torch.equal(x, x0) and not x.requires_grad  # the caller's tensor is untouched
+    h = torch.nn.functional.layer_norm(x0, x0.shape[-1:])
+    expected = torch.nn.functional.layer_norm(x0 + h @ w, x0.shape[-1:]) @ w
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(grad, w.grad, rtol=1e-6, atol=1e-7)

@@ -130,7 +130,105 @@ def load_and_sample() -> dict:
     return {"nodes": nodes, "links": links}
 
 
-EXAMPLES = {"sara_train_and_sample": train_and_sample, "sara_load_and_sample": load_and_sample}
+def flux_train_and_sample() -> dict:
+    """The Flux.1 recipe for a 24 GB card: the fp8 model file (SaRA trains it in the overlay mode,
+    never writing the fp8 weights), CLIP-L + T5 text encoders, the Flux VAE, bf16 training with
+    gradient checkpointing, then sampling with the result."""
+    nodes = {
+        "unet": {
+            "type": "UNETLoader",
+            "pos": [20, 60],
+            "widgets": {"unet_name": "flux1-dev-fp8.safetensors", "weight_dtype": "fp8_e4m3fn"},
+        },
+        "clip": {
+            "type": "DualCLIPLoader",
+            "pos": [20, 220],
+            "widgets": {
+                "clip_name1": "clip_l.safetensors",
+                "clip_name2": "t5xxl_fp8_e4m3fn.safetensors",
+                "type": "flux",
+            },
+        },
+        "vae": {"type": "VAELoader", "pos": [20, 420], "widgets": {"vae_name": "ae.safetensors"}},
+        "positive": {
+            "type": "CLIPTextEncode",
+            "pos": [380, 80],
+            "title": "Prompt (training and sampling)",
+            "widgets": {"text": PROMPT},
+        },
+        "guidance": {"type": "FluxGuidance", "pos": [380, 330], "widgets": {"guidance": 3.5}},
+        "negative": {"type": "ConditioningZeroOut", "pos": [380, 440]},
+        "image_1": {"type": "LoadImage", "pos": [20, 540], "widgets": {"image": "sara_train_1.png"}},
+        "image_2": {"type": "LoadImage", "pos": [20, 900], "widgets": {"image": "sara_train_2.png"}},
+        "encode_1": {"type": "VAEEncode", "pos": [380, 600]},
+        "encode_2": {"type": "VAEEncode", "pos": [380, 720]},
+        "batch": {"type": "LatentBatch", "pos": [600, 660]},
+        "train": {
+            "type": "SaRATrain",
+            "pos": [840, 80],
+            "size": [380, 600],
+            "widgets": {
+                "steps": 500,
+                "learning_rate": 1e-4,
+                "control_after_generate": "fixed",
+                "training_dtype": "bf16",
+                "gradient_checkpointing": True,
+                "save_every": 100,
+                "save_prefix": "my_flux_sara",
+            },
+        },
+        "save_delta": {"type": "SaRASave", "pos": [1260, 760], "widgets": {"filename_prefix": "my_flux_sara"}},
+        "empty": {"type": "EmptySD3LatentImage", "pos": [1260, 560], "widgets": {"width": 1024, "height": 1024}},
+        "sampler": {
+            "type": "KSampler",
+            "pos": [1580, 80],
+            "widgets": {
+                "seed": 42,
+                "control_after_generate": "fixed",
+                "steps": 20,
+                "cfg": 1.0,
+                "sampler_name": "euler",
+                "scheduler": "simple",
+            },
+        },
+        "decode": {"type": "VAEDecode", "pos": [1920, 80]},
+        "save_image": {
+            "type": "SaveImage",
+            "pos": [1920, 200],
+            "size": [400, 440],
+            "widgets": {"filename_prefix": "sara_flux"},
+        },
+    }
+    links = [
+        ["clip", 0, "positive", "clip"],
+        ["positive", 0, "guidance", "conditioning"],
+        ["positive", 0, "negative", "conditioning"],
+        ["image_1", 0, "encode_1", "pixels"],
+        ["vae", 0, "encode_1", "vae"],
+        ["image_2", 0, "encode_2", "pixels"],
+        ["vae", 0, "encode_2", "vae"],
+        ["encode_1", 0, "batch", "samples1"],
+        ["encode_2", 0, "batch", "samples2"],
+        ["unet", 0, "train", "model"],
+        ["batch", 0, "train", "latents"],
+        ["guidance", 0, "train", "positive"],
+        ["train", 1, "save_delta", "delta"],
+        ["train", 0, "sampler", "model"],
+        ["guidance", 0, "sampler", "positive"],
+        ["negative", 0, "sampler", "negative"],
+        ["empty", 0, "sampler", "latent_image"],
+        ["sampler", 0, "decode", "samples"],
+        ["vae", 0, "decode", "vae"],
+        ["decode", 0, "save_image", "images"],
+    ]
+    return {"nodes": nodes, "links": links}
+
+
+EXAMPLES = {
+    "sara_train_and_sample": train_and_sample,
+    "sara_load_and_sample": load_and_sample,
+    "sara_flux_train_and_sample": flux_train_and_sample,
+}
 
 
 def main() -> None:

@@ -93,20 +93,30 @@ def with_model_save(graph: dict, model: list, prefix: str) -> dict:
     return graph
 
 
-def with_sampling(graph: dict, model: list, prefix: str) -> dict:
-    """``graph`` plus 2 Euler steps of a 64x64 SD latent with ``model`` (prompt node ``pos``), saved
-    as ``output/latents/tr_<prefix>_NNNNN_.latent``."""
-    graph[f"empty_{prefix}"] = {
-        "class_type": "EmptyLatentImage",
-        "inputs": {"width": 64, "height": 64, "batch_size": 1},
-    }
+def with_sampling(
+    graph: dict,
+    model: list,
+    prefix: str,
+    positive: list | None = None,
+    negative: list | None = None,
+    latents: list | None = None,
+) -> dict:
+    """``graph`` plus 2 Euler steps with ``model``, saved as ``output/latents/tr_<prefix>_NNNNN_.latent``.
+    Conditioning defaults to the prompt node ``pos`` (both sides), latents to an empty 64x64 SD latent."""
+    if latents is None:
+        graph[f"empty_{prefix}"] = {
+            "class_type": "EmptyLatentImage",
+            "inputs": {"width": 64, "height": 64, "batch_size": 1},
+        }
+        latents = [f"empty_{prefix}", 0]
+    positive = positive or ["pos", 0]
     graph[f"ks_{prefix}"] = {
         "class_type": "KSampler",
         "inputs": {
             "model": model,
-            "positive": ["pos", 0],
-            "negative": ["pos", 0],
-            "latent_image": [f"empty_{prefix}", 0],
+            "positive": positive,
+            "negative": negative or positive,
+            "latent_image": latents,
             "seed": 3,
             "steps": 2,
             "cfg": 1.0,
@@ -120,6 +130,34 @@ def with_sampling(graph: dict, model: list, prefix: str) -> dict:
         "inputs": {"samples": [f"ks_{prefix}", 0], "filename_prefix": f"latents/tr_{prefix}"},
     }
     return graph
+
+
+def family_train_graph(
+    family: str, model_file: str, steps: int, learning_rate: float = 1e-2, weight_dtype: str = "default", **options
+) -> dict:
+    """UNETLoader(``models/diffusion_models/<model_file>``) and the test node's random conditioning and
+    latents for ``family`` (``tools/comfyui_test_nodes``) -> SaRATrain. Sample with
+    ``with_sampling(graph, model, prefix, *FAMILY_SAMPLING)``."""
+    return {
+        "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": model_file, "weight_dtype": weight_dtype}},
+        "data": {
+            "class_type": "TestConditioningAndLatents",
+            "inputs": {"family": family, "seed": 0, "size": 32, "batch_size": 2, "tokens": 8},
+        },
+        "train": {
+            "class_type": "SaRATrain",
+            "inputs": {
+                "model": ["unet", 0],
+                "latents": ["data", 2],
+                "positive": ["data", 0],
+                **sara_train_inputs(steps=steps, learning_rate=learning_rate, **options),
+            },
+        },
+    }
+
+
+FAMILY_SAMPLING = (["data", 0], ["data", 1], ["data", 2])
+"""``with_sampling``'s positive, negative and latents in a ``family_train_graph``."""
 
 
 def output_file(server, folder: str, prefix: str) -> str:

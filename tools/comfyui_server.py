@@ -24,58 +24,6 @@ from sara_train.engine.sparse import probe_positions
 
 REPO = Path(__file__).resolve().parent.parent
 
-TINY_UNET = """
-import json, sys, torch
-from safetensors.torch import save_file
-sys.path.insert(0, sys.argv[1])
-import comfy.cli_args
-comfy.cli_args.args.cpu = True  # before comfy.model_management looks for a GPU
-from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-torch.manual_seed(0)
-unet = UNetModel(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_head_channels=64,
-                 use_spatial_transformer=True, dtype=torch.float32, **json.loads(sys.argv[3]))
-with torch.no_grad():  # comfy.ops skips weight init: give the random model real values
-    for param in unet.parameters():
-        param.normal_(0.0, 0.05)
-save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, sys.argv[2])
-"""
-TINY_UNETS = {
-    "sd15": {
-        "num_res_blocks": [1],
-        "channel_mult": [1],
-        "transformer_depth": [1],
-        "transformer_depth_output": [1, 1],
-        "transformer_depth_middle": -1,
-        "context_dim": 768,
-        "use_linear_in_transformer": False,
-    },
-    "sd2": {
-        "num_res_blocks": [1],
-        "channel_mult": [1],
-        "transformer_depth": [1],
-        "transformer_depth_output": [1, 1],
-        "transformer_depth_middle": -1,
-        "context_dim": 1024,
-        "use_linear_in_transformer": True,
-    },
-    # ComfyUI matches SDXL-family UNets by their transformer depths; KOALA-700M's ([0, 2, 5]) is the
-    # smallest, here at 320 channels on every level, with SDXL's pooled/size conditioning (label_emb).
-    "sdxl": {
-        "num_res_blocks": [1, 1, 1],
-        "channel_mult": [1, 1, 1],
-        "transformer_depth": [0, 2, 5],
-        "transformer_depth_output": [0] * 6,
-        "transformer_depth_middle": -1,
-        "context_dim": 2048,
-        "use_linear_in_transformer": True,
-        "adm_in_channels": 2816,
-        "num_classes": "sequential",
-    },
-}
-"""UNetModel options of the tiny UNets ComfyUI detects as SD1.5 (~21M parameters), SD2 and the
-SDXL family (KOALA-700M)."""
-
-
 TINY_SD15_CHECKPOINT = """
 import sys, torch
 from safetensors.torch import load_file, save_file
@@ -107,17 +55,6 @@ def comfyui_dir() -> Path:
     return path
 
 
-def write_tiny_unet(path: Path, family: str = "sd15") -> Path:
-    """A small random UNet in ComfyUI's own layout that ComfyUI detects as ``family`` (``TINY_UNETS``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [sys.executable, "-c", TINY_UNET, str(comfyui_dir()), str(path), json.dumps(TINY_UNETS[family])],
-        check=True,
-        timeout=300,
-    )
-    return path
-
-
 def write_tiny_sd15_checkpoint(unet: Path, path: Path) -> Path:
     """A full SD1.5-style checkpoint: ``unet`` (fp32) + random CLIP-L and SD VAE (fp16)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,16 +65,18 @@ def write_tiny_sd15_checkpoint(unet: Path, path: Path) -> Path:
 
 
 class ComfyUIServer:
-    """``python main.py --cpu`` with ``base`` as its base directory (models, output, custom_nodes)."""
+    """``python main.py --cpu`` with ``base`` as its base directory (models, output, custom_nodes),
+    this pack and the test node (``tools/comfyui_test_nodes``) installed."""
 
     def __init__(self, base: Path, env: dict[str, str] | None = None) -> None:
         """Start the server on ``base`` (models, input, output, custom_nodes); ``env`` is added to
         the server's environment."""
         self.base = base
         (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
-        link = base / "custom_nodes" / "comfyui-sara"
-        if not link.exists():
-            link.symlink_to(REPO, target_is_directory=True)
+        for name, target in (("comfyui-sara", REPO), ("sara-test-nodes", REPO / "tools" / "comfyui_test_nodes")):
+            link = base / "custom_nodes" / name
+            if not link.exists():
+                link.symlink_to(target, target_is_directory=True)
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
@@ -169,9 +108,18 @@ class ComfyUIServer:
                 raise RuntimeError(f"ComfyUI exited with {self.process.returncode}:\n{self.read_log()}")
             try:
                 self.get("/object_info/KSampler")
-                return
             except (urllib.error.URLError, ConnectionError):
                 time.sleep(0.5)
+                continue
+            self.log.flush()
+            log = (self.base / "server.log").read_text()
+            failed = [
+                line.strip() for line in log.splitlines() if "(IMPORT FAILED)" in line and "custom_nodes" in line
+            ]
+            if failed:
+                self.stop()
+                raise RuntimeError(f"ComfyUI could not import a custom node: {failed}\n{self.read_log()}")
+            return
         self.stop()
         raise RuntimeError(f"ComfyUI did not start within 180 s:\n{self.read_log()}")
 

@@ -62,11 +62,15 @@ def merge_checkpoint(
     deltas = [fit_delta(item, shapes, f"checkpoint {ckpt_in}") for item in load_deltas(items)]
     combined = SparseDelta.stack(deltas, strengths, check_base=check_base)
     for ckpt_key in combined.layers:
-        if header.tensors[ckpt_key].dtype not in ("F32", "F16", "BF16", "F64"):
+        stored = header.tensors[ckpt_key].dtype
+        if stored.startswith("F8"):
             raise DeltaMismatchError(
-                f"checkpoint tensor {ckpt_key!r} has dtype {header.tensors[ckpt_key].dtype}, "
-                f"not a float SaRA can add to"
+                f"checkpoint tensor {ckpt_key!r} is stored in fp8 ({stored}): the merged values would be "
+                "rounded to fp8's 3-bit mantissa, which loses most of a SaRA update. Merge into the "
+                "bf16/fp16/fp32 file of the model (and quantise the result afterwards if you need fp8)"
             )
+        if stored not in ("F32", "F16", "BF16", "F64"):
+            raise DeltaMismatchError(f"checkpoint tensor {ckpt_key!r} has dtype {stored}, not a float SaRA can add to")
     records = merge_records(header.metadata)
     for delta_item, item_strength in zip(deltas, strengths):
         content = delta_item.content_hash()

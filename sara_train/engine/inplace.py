@@ -4,10 +4,13 @@ Inference code often updates activations in place (``img += gate * attn(img)`` i
 blocks). Under autograd that fails ("a variable needed for gradient computation has been modified
 by an inplace operation") when the tensor was saved for backward. Inside
 ``out_of_place_augmented_assignments()``, an augmented assignment (``x += y``, ``-=``, ``*=``,
-``/=``) on a tensor that requires grad computes a new tensor instead; Python then binds the name
-to it, so the code means what it meant. Explicit in-place calls (``x.add_(y)``, whose result may be
-ignored) and tensors outside the autograd graph are left alone: which of the two a ``+=`` is is
-read from the calling frame's current instruction.
+``/=``) with grad enabled and either operand requiring grad computes a new tensor instead; Python
+then binds the name to it, so the code means what it meant. Either operand: when ``x`` does not
+require grad but ``y`` does (a block whose input comes from frozen layers), an in-place add would
+make ``x`` part of the graph and change it for everyone holding it, e.g. gradient checkpointing,
+which recomputes the block from that same input. Explicit in-place calls (``x.add_(y)``, whose
+result may be ignored) and updates outside the autograd graph are left alone: which of the two a
+``+=`` is is read from the calling frame's current instruction.
 """
 
 from __future__ import annotations
@@ -46,9 +49,8 @@ class _OutOfPlaceAugmentedAssignments(TorchFunctionMode):
         out_of_place = OUT_OF_PLACE.get(getattr(func, "__name__", ""))
         if (
             out_of_place is not None
-            and args
-            and isinstance(args[0], torch.Tensor)
-            and args[0].requires_grad
+            and torch.is_grad_enabled()
+            and any(isinstance(arg, torch.Tensor) and arg.requires_grad for arg in args)
             and _is_augmented_assignment(sys._getframe(1))
         ):
             return out_of_place(*args, **kwargs)
@@ -56,6 +58,6 @@ class _OutOfPlaceAugmentedAssignments(TorchFunctionMode):
 
 
 def out_of_place_augmented_assignments() -> TorchFunctionMode:
-    """A context manager (a ``TorchFunctionMode``) under which ``x += y`` and its kin on tensors that
-    require grad compute a new tensor; see the module docstring."""
+    """A context manager (a ``TorchFunctionMode``) under which ``x += y`` and its kin in the autograd
+    graph compute a new tensor; see the module docstring."""
     return _OutOfPlaceAugmentedAssignments()
