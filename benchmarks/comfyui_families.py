@@ -8,7 +8,7 @@ SD3 and Wan 2.1 tiny, Flux.1 and Qwen-Image one block deep at full width, stored
 UNETLoader with the case's ``weight_dtype``; conditioning and latents (2 x 32x32 images, 8 tokens)
 come from the test node. SaRA Train runs with the node's defaults (budget 0.05, rank-loss weight
 1e-4, progressive step half way, fp32 compute, gradient checkpointing). Each case runs in a fresh
-server: the model and data are loaded first; peak is the server's VmHWM during an N-step training
+server: the model and data are loaded first (two sampling steps); peak is the server's VmHWM during an N-step training
 run minus its RSS before it; s/step is (2N-step run - N-step run) / N. CPU only (ComfyUI --cpu).
 """
 
@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.comfyui_train import rss_kib, timed_run
-from tools.comfyui_graphs import family_train_graph
+from tools.comfyui_graphs import FAMILY_SAMPLING, family_train_graph, with_sampling
 from tools.comfyui_models import write_model
 from tools.comfyui_server import ComfyUIServer
 
@@ -35,11 +35,10 @@ CASES = {  # name: (family, stored dtype of the file, UNETLoader weight_dtype)
 
 
 def loaded_graph(family: str, model_file: str, weight_dtype: str) -> dict:
-    """The model and the data, loaded and cached by the server (a sampling-free output node)."""
+    """The model and the data, loaded and cached by the server: two sampling steps with the model."""
     graph = family_train_graph(family, model_file, 1, weight_dtype=weight_dtype)
     del graph["train"]
-    graph["keep"] = {"class_type": "SaveLatent", "inputs": {"samples": ["data", 2], "filename_prefix": "warm"}}
-    return graph
+    return with_sampling(graph, ["unet", 0], "warm", *FAMILY_SAMPLING)
 
 
 def measure(base: Path, case: str, steps: int) -> tuple[float, float, float]:
@@ -62,7 +61,7 @@ def measure(base: Path, case: str, steps: int) -> tuple[float, float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
-    parser.add_argument("--steps", type=int, default=2, help="N: the runs take N and 2N steps")
+    parser.add_argument("--steps", type=int, default=4, help="N: the runs take N and 2N steps")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         base = Path(folder)
@@ -76,7 +75,7 @@ def main() -> None:
         print("| case | RSS with model loaded (MiB) | peak above it while training (MiB) | s/step |")
         print("|---|---:|---:|---:|")
         for case, loaded, peak, seconds in rows:
-            print(f"| {case} | {loaded:,.0f} | {peak:,.0f} | {seconds:.2f} |")
+            print(f"| {case} | {loaded:,.0f} | {peak:,.0f} | {seconds:.3f} |")
 
 
 if __name__ == "__main__":

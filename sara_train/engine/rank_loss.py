@@ -97,7 +97,8 @@ def estimated_nuclear_norm_and_grad(update: SparseUpdate) -> tuple[torch.Tensor,
     ||A||_*. The norm is stochastic Lanczos quadrature of tr((A Aᵀ)^1/2) with sparse products and
     fixed Rademacher probes (deterministic). Where ΔP is exactly 0 the estimate is 0; after the
     first optimizer step every trainable entry has moved. Measured against the exact values in
-    ``benchmarks/rank_loss.py``: norm within ~1%, gradient cosine 0.98-0.999 at 1-10% density.
+    ``benchmarks/rank_loss.py`` on Flux.1's layer shapes: norm within ~1%, gradient cosine 0.99-0.999
+    at 1-5% density, 18-130x faster on a CPU.
     """
     device = update.values.device
     rows, cols = matrix_shape(update.shape)
