@@ -82,7 +82,7 @@ def train(name: str, case: Case, learning_rate: float) -> dict:
 
 @pytest.fixture(scope="module", params=list(CASES))
 def trained(request, server):
-    """(case, trained run's history entry, untrained run's losses, saved delta)."""
+    """(name, case, trained run's history entry, untrained run's losses, saved delta)."""
     name, case = request.param, CASES[request.param]
     graph = train(name, case, case.learning_rate)
     with_save(graph, name)
@@ -97,7 +97,7 @@ def trained(request, server):
     entry = server.run_ok(graph, timeout=1800)
     untrained = server.run_ok(train(f"{name}_untrained", case, 1e-8), timeout=1800)
     losses = untrained["outputs"]["train"]["sara_loss"]
-    return case, entry, losses, sara_train.SparseDelta.load(saved_delta(server.base, name))
+    return name, case, entry, losses, sara_train.SparseDelta.load(saved_delta(server.base, name))
 
 
 def latent(server, prefix: str) -> torch.Tensor:
@@ -105,7 +105,7 @@ def latent(server, prefix: str) -> torch.Tensor:
 
 
 def test_training_lowers_the_loss_on_the_same_draws(trained) -> None:
-    case, entry, untrained, delta = trained
+    _, case, entry, untrained, delta = trained
     losses = entry["outputs"]["train"]["sara_loss"]
     assert len(losses) == len(untrained) == case.steps
     assert losses[0] == pytest.approx(untrained[0], rel=1e-5)  # same draw, untouched model
@@ -117,8 +117,7 @@ def test_training_lowers_the_loss_on_the_same_draws(trained) -> None:
 
 
 def test_trained_weights_are_base_plus_delta_and_untouched_elsewhere(server, trained) -> None:
-    case, _, _, delta = trained
-    name = next(key for key, value in CASES.items() if value is case)
+    name, case, _, _, delta = trained
     if case.weight_dtype != "default":
         pytest.skip("an fp8 model keeps its stored weights; tests/test_comfyui_fp8.py covers the patched copy")
     base = base_weights(server, case)
@@ -142,8 +141,7 @@ def test_trained_weights_are_base_plus_delta_and_untouched_elsewhere(server, tra
 
 
 def test_loading_or_applying_the_delta_samples_like_the_train_output(server, trained) -> None:
-    case, _, _, delta = trained
-    name = next(key for key, value in CASES.items() if value is case)
+    name, case, _, _, delta = trained
     graph = train(name, case, case.learning_rate)
     del graph["train"]
     graph["load"] = {
@@ -159,8 +157,7 @@ def test_loading_or_applying_the_delta_samples_like_the_train_output(server, tra
 
 
 def test_merged_file_loads_as_the_same_model_type(server, trained) -> None:
-    case, _, _, delta = trained
-    name = next(key for key, value in CASES.items() if value is case)
+    name, case, _, _, delta = trained
     if case.weight_dtype != "default":
         pytest.skip("the merge reads the file, which the fp8 case shares with sd3")
     graph = {
