@@ -7,6 +7,7 @@ import os
 import folder_paths
 from comfy_api.latest import ComfyExtension, io
 
+from .export import SaRAExport
 from .inspection import SaRAInspect
 from .loader import SaRAApply, SaRALoader
 from .merge import SaRAMergeCheckpoint, SaRAMergeDiffusionModel
@@ -18,4 +19,13 @@ folder_paths.add_model_folder_path("sara", os.path.join(folder_paths.models_dir,
 
 class SaRAExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [SaRATrain, SaRASave, SaRALoader, SaRAApply, SaRAMergeCheckpoint, SaRAMergeDiffusionModel, SaRAInspect]
+        return [
+            SaRATrain,
+            SaRASave,
+            SaRALoader,
+            SaRAApply,
+            SaRAMergeCheckpoint,
+            SaRAMergeDiffusionModel,
+            SaRAExport,
+            SaRAInspect,
+        ]

@@ -39,6 +39,7 @@ def test_every_node_imports_and_runs_without_the_trainer_packages(manager_server
         "SaRAApply",
         "SaRAMergeCheckpoint",
         "SaRAMergeDiffusionModel",
+        "SaRAExport",
         "SaRAInspect",
     ):
         assert node in server.get(f"/object_info/{node}"), node
@@ -89,8 +90,21 @@ def test_every_node_imports_and_runs_without_the_trainer_packages(manager_server
             "filename_prefix": "manager_merged",
         },
     }
+    graph["export"] = {
+        "class_type": "SaRAExport",
+        "inputs": {
+            "delta_name": "a.safetensors",
+            "format": "lora",
+            "naming": "ldm",
+            "values_dtype": "fp16",
+            "rank": 64,
+            "max_error": 1.0,
+            "filename_prefix": "manager_lora",
+        },
+    }
     entry = server.run_ok(graph)
     assert entry["outputs"]["train"]["sara_status"][0].startswith("done: 2/2 steps")
+    assert list((server.base / "models" / "loras").glob("manager_lora_00001_.safetensors"))
     assert saved_delta(server.base, "manager").exists()
     assert list((server.base / "output").glob("manager_*.latent")) and list(
         (server.base / "output").glob("manager_*.png")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import sara_train
@@ -300,3 +303,69 @@ def test_chains_after_a_lora(comfy) -> None:
     for key, tensor in expected.items():
         torch.testing.assert_close(saved[key], tensor, rtol=1e-5, atol=1e-6)
     assert any(not torch.allclose(saved[name + ".weight"], base[name + ".weight"]) for name in LORA_TARGETS)
+
+
+def export_and_load(server: ComfyUIServer, prefix: str, strengths: list[float], **export_options) -> list[Path]:
+    """Run SaRA Export on delta a, then load the file with ComfyUI's own LoraLoaderModelOnly at each
+    strength and save the model; returns the export's path (the saved models: ``saved_unet``)."""
+    options = {"format": "webui-diff", "naming": "ldm", "values_dtype": "fp32", "rank": 32, "max_error": 0.1}
+    options.update(export_options)
+    graph = {"export": {"class_type": "SaRAExport", "inputs": {"delta_name": "a.safetensors", **options}}}
+    graph["export"]["inputs"]["filename_prefix"] = prefix
+    server.run_ok(graph)
+    (path,) = (server.base / "models" / "loras").glob(f"{prefix}_*")
+    for strength in strengths:
+        server.run_ok(
+            {
+                "unet": {
+                    "class_type": "UNETLoader",
+                    "inputs": {"unet_name": "tiny.safetensors", "weight_dtype": "default"},
+                },
+                "lora": {
+                    "class_type": "LoraLoaderModelOnly",
+                    "inputs": {"model": ["unet", 0], "lora_name": path.name, "strength_model": strength},
+                },
+                "save": {
+                    "class_type": "ModelSave",
+                    "inputs": {"model": ["lora", 0], "filename_prefix": f"diffusion_models/{prefix}_{strength}"},
+                },
+            }
+        )
+    return path
+
+
+def test_comfyui_lora_loader_reads_the_exact_export_as_base_plus_delta(comfy) -> None:
+    server, base = comfy
+    delta = sara_train.SparseDelta.load(server.base / "models" / "sara" / "a.safetensors")
+    export_and_load(server, "exact32", [1.0, 0.5])
+    for strength in (1.0, 0.5):
+        expected = {k: v.clone() for k, v in base.items()}
+        delta.apply_to(expected, strength=strength)
+        saved = saved_unet(server, f"exact32_{strength}")
+        assert set(saved) == set(base)
+        for key in base:
+            assert torch.equal(saved[key], expected[key]), key  # fp32 file: bit-equal
+    assert "lora key not loaded" not in server.read_log()
+    export_and_load(server, "exact16", [1.0], values_dtype="fp16")
+    saved = saved_unet(server, "exact16_1.0")
+    for key, layer in delta.layers.items():
+        at = layer.flat_indices.long()
+        added = saved[key].flatten()[at] - base[key].flatten()[at]
+        step = 2.0 ** (torch.floor(torch.log2(layer.values.abs())) - 10)  # one fp16 step at each value
+        assert bool(((added - layer.values).abs() <= step + 1e-7).all()), key
+
+
+def test_comfyui_lora_loader_reads_the_svd_export_with_the_error_it_reported(comfy) -> None:
+    server, base = comfy
+    delta = sara_train.SparseDelta.load(server.base / "models" / "sara" / "a.safetensors")
+    path = export_and_load(server, "svd", [1.0], format="lora", rank=16, max_error=1.0)
+    reported = float(safe_open(str(path), framework="pt").metadata()["sara_relative_error"])
+    saved = saved_unet(server, "svd_1.0")
+    residual = total = 0.0
+    for key, layer in delta.layers.items():
+        dense = torch.zeros(layer.shape).view(-1)
+        dense[layer.flat_indices.long()] = layer.values
+        residual += float(((saved[key] - base[key]).flatten() - dense).double().pow(2).sum())
+        total += float(dense.double().pow(2).sum())
+    assert (residual / total) ** 0.5 == pytest.approx(reported, rel=1e-3)
+    assert 0 < reported < 1

@@ -68,6 +68,7 @@ def test_object_info_lists_every_node_with_its_inputs(comfy) -> None:
         "SaRAApply": {"model", "delta", "strength"},
         "SaRAMergeCheckpoint": {"ckpt_name", "delta_1", "strength_1", "filename_prefix"},
         "SaRAMergeDiffusionModel": {"unet_name", "delta_1", "strength_1", "filename_prefix"},
+        "SaRAExport": {"delta_name", "format", "naming", "values_dtype", "rank", "max_error", "model"},
         "SaRAInspect": {"model", "budgets"},
     }
     for node, inputs in expected.items():

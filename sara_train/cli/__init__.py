@@ -1,6 +1,6 @@
-"""``sara-train`` (also ``python -m sara_train``): train, merge, inspect and analyze SaRA deltas.
+"""``sara-train`` (also ``python -m sara_train``): train, merge, export, inspect and analyze SaRA deltas.
 
-One module per subcommand (``train``, ``merge``, ``inspect``, ``analyze``), each an
+One module per subcommand (``train``, ``merge``, ``export``, ``inspect``, ``analyze``), each an
 ``add_<name>_arguments(parser)`` and a ``<name>_command(args) -> int``: parse, call the library,
 report. Errors the user can fix (``SaRAError``) print one line and exit with status 2. SIGINT or
 SIGTERM at any moment of ``train`` saves the last completed step (delta and resume state), prints
@@ -14,7 +14,7 @@ import sys
 
 from ..engine.errors import SaRAError
 from ..trainer.interrupts import Interrupted, StopSignals
-from . import analyze, inspect, merge, train
+from . import analyze, export, inspect, merge, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="sara-train",
-        description="Train, merge, inspect and analyze SaRA deltas.",
+        description="Train, merge, export, inspect and analyze SaRA deltas.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
     merge.add_merge_arguments(commands.add_parser("merge", help="add deltas to a checkpoint (streaming)"))
+    export.add_export_arguments(
+        commands.add_parser("export", help="write a delta as a file webuis and LoRA loaders read (exact or LoRA)")
+    )
     inspect.add_inspect_arguments(commands.add_parser("inspect", help="summarise a delta file"))
     analyze.add_analyze_arguments(commands.add_parser("analyze", help="weight magnitudes and thresholds of a model"))
     return parser
@@ -45,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "train": train.run_train,
         "merge": merge.merge_command,
+        "export": export.export_command,
         "inspect": inspect.inspect_command,
         "analyze": analyze.analyze_command,
     }

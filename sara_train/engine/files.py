@@ -9,7 +9,7 @@ import os
 import stat
 import struct
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,6 +193,39 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         if temp is not None:
             temp.unlink(missing_ok=True)
         raise
+
+
+def write_safetensors_streaming(
+    path: str | os.PathLike,
+    layout: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+    tensor_of: Callable[[str], torch.Tensor],
+    metadata: Mapping[str, str],
+) -> Path:
+    """Write a safetensors file atomically, one tensor at a time: ``layout`` gives every tensor's
+    ``(dtype, shape)`` in file order, ``tensor_of(name)`` makes it when its turn comes (so peak
+    memory is one tensor, not the file). ``SaRAError`` if a made tensor's dtype or shape differs
+    from its layout entry, or the file cannot be written (nothing is left behind)."""
+    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    header: dict[str, object] = {}
+    offset = 0
+    for name, (dtype, shape) in layout.items():
+        size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        header[name] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = dict(metadata)
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    with atomic_output(path) as temp, open(temp, "wb") as out:
+        out.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
+        for name, (dtype, shape) in layout.items():
+            tensor = tensor_of(name)
+            if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+                raise SaRAError(
+                    f"{name}: made a {tensor.dtype} tensor of shape {tuple(tensor.shape)}, "
+                    f"expected {dtype} {tuple(shape)}"
+                )
+            out.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return Path(path)
 
 
 def check_writable_folder(folder: str | os.PathLike, what: str) -> Path:

@@ -140,3 +140,18 @@ def unet_weight_groups(unet_dir: Path) -> list[list[Path]]:
     if not groups:
         raise SaRAError(f"{unet_dir} has no .safetensors weights (pickled .bin weights are never read)")
     return groups
+
+
+def model_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of the denoising model in ``path``, read from safetensors headers
+    only: a single ``.safetensors`` file as it is (a checkpoint, a ComfyUI diffusion model), or a
+    diffusers pipeline folder's ``unet/`` or ``transformer/`` weights (its first complete copy).
+    ``SaRAError`` when the path is neither."""
+    path = Path(path)
+    if path.is_file():
+        return {key: entry.shape for key, entry in read_safetensors_header(path).tensors.items()}
+    for component in ("unet", "transformer"):
+        if (path / component / "config.json").is_file():
+            (group, *_) = unet_weight_groups(path / component)
+            return {key: entry.shape for file in group for key, entry in read_safetensors_header(file).tensors.items()}
+    raise SaRAError(f"{path}: not a .safetensors file nor a diffusers folder with unet/ or transformer/ weights")

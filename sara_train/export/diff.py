@@ -1,0 +1,84 @@
+"""Exact export: a delta as the LyCORIS "full" format every LoRA-folder loader reads natively.
+
+Per touched layer one dense tensor ``lora_unet_<module>.diff`` (a bias: ``.diff_b``) of the
+weight's exact shape, zero except at the delta's entries; loaders add ``strength * diff`` to the
+weight. The file is about the model's size in the chosen dtype: the price of needing no extension.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..engine.delta import LayerDelta, SparseDelta
+from ..engine.files import write_safetensors_streaming
+from .layers import Naming, Shapes, base_model_version_of, delta_in_naming, loader_layers, loader_metadata
+
+DIFF_NETWORK = {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps({"algo": "full"})}
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What an export wrote: ``path``, its ``layers`` and their ``nbytes`` on disk, the delta's
+    ``entries`` and its own size ``sparse_nbytes`` (int32 index + value per entry)."""
+
+    path: Path
+    layers: int
+    entries: int
+    nbytes: int
+    sparse_nbytes: int
+    base_model_version: str | None
+
+    def __str__(self) -> str:
+        version = self.base_model_version or "unknown (not recorded: the Lora tab lists it as SD1 or Unknown)"
+        return (
+            f"wrote {self.path}: {self.layers} layers, {self.entries:,} entries, "
+            f"{self.nbytes / 2**20:.2f} MiB (the sparse delta: {self.sparse_nbytes / 2**20:.2f} MiB, "
+            f"{self.nbytes / max(1, self.sparse_nbytes):.1f}x); base model version {version}"
+        )
+
+
+def dense_update(layer: LayerDelta, dtype: torch.dtype) -> torch.Tensor:
+    """The layer's update as a dense tensor of its shape: zero except ``values`` at ``flat_indices``."""
+    dense = torch.zeros(layer.shape, dtype=dtype)
+    dense.view(-1)[layer.flat_indices.long()] = layer.values.to(dtype)
+    return dense
+
+
+def values_dtype(delta: SparseDelta) -> torch.dtype:
+    """The dtype of the delta's values (fp32 when its layers differ)."""
+    dtypes = {layer.values.dtype for layer in delta.layers.values()}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def export_webui_diff(
+    delta: SparseDelta,
+    path: str | os.PathLike,
+    naming: Naming = "ldm",
+    dtype: torch.dtype | None = None,
+    base: Shapes | None = None,
+    base_model_version: str | None = None,
+) -> ExportReport:
+    """Write ``delta`` to ``path`` in the LyCORIS "full" format, atomically, one layer at a time.
+
+    ``naming``/``base``: see ``sara_train.export.layers.delta_in_naming``. ``dtype``: of the dense
+    differences (default: the delta's own; fp16 or bf16 round each value once). ``base_model_version``:
+    the ``ss_base_model_version`` to record (default: from the delta's family, when known).
+    Raises ``SaRAError`` (naming, unsupported layers, values beyond the dtype's range, write errors).
+    """
+    dtype = dtype or values_dtype(delta)
+    named = delta_in_naming(delta, naming, base)
+    if dtype != torch.float32:
+        named = named.to(dtype)  # refuses values beyond fp16's range
+    layers = loader_layers(named)
+    version = base_model_version_of(delta, base_model_version)
+    metadata = loader_metadata(delta, Path(path).stem, version, DIFF_NETWORK)
+    layout = {name: (dtype, tuple(layer.shape)) for name, (_, layer) in layers.items()}
+    written = write_safetensors_streaming(path, layout, lambda name: dense_update(layers[name][1], dtype), metadata)
+    return ExportReport(
+        written, len(layers), delta.num_entries, written.stat().st_size, delta.summary().nbytes, version
+    )
