@@ -12,6 +12,7 @@ The package is layered, imports pointing one way:
                the delta format, fitting deltas to targets, the streaming merge
     families/  model-family knowledge: key namings and checkpoint layouts (registered with the
                engine's delta path on import, so a delta fits a model whatever naming either uses)
+    export/    files other tools load (webui "full" differences, SVD LoRAs); engine and families only
     plots/, trainer/, cli/, demo/   applications: images, the diffusers trainer, `sara-train`, `make demo`
 
 ``import sara_train`` needs neither diffusers nor transformers (only the trainer and demo do).

@@ -200,3 +200,33 @@ def test_merged_file_loads_as_the_same_model_type(server, trained) -> None:
         expected[delta.layers[key].flat_indices.long()] += delta.layers[key].values.float()
         assert merged[key].dtype == tensor.dtype
         assert torch.equal(merged[key].flatten(), expected.to(tensor.dtype)), key
+
+
+def test_comfyui_lora_loader_samples_the_exact_export_like_the_train_output(server, trained) -> None:
+    """SaRA Export (LyCORIS "full", fp32) loaded by ComfyUI's own LoraLoaderModelOnly: the same
+    sample as the Train output. Flux and Qwen-Image (full-width test models: a dense difference of
+    ~1 GB per run) are left to the naming tests in tests/test_export.py."""
+    name, case, _, _, _ = trained
+    if case.family in ("flux", "qwen_image"):
+        pytest.skip("full-width test model: its dense export would be about 1 GB")
+    export = {
+        "delta_name": saved_delta(server.base, name).name,
+        "format": "webui-diff",
+        "naming": "ldm",
+        "values_dtype": "fp32",
+        "rank": 32,
+        "max_error": 0.1,
+        "filename_prefix": f"export_{name}",
+    }
+    server.run_ok({"export": {"class_type": "SaRAExport", "inputs": export}})
+    (path,) = (server.base / "models" / "loras").glob(f"export_{name}_*.safetensors")
+    graph = train(name, case, case.learning_rate)
+    del graph["train"]
+    graph["lora"] = {
+        "class_type": "LoraLoaderModelOnly",
+        "inputs": {"model": ["unet", 0], "lora_name": path.name, "strength_model": 1.0},
+    }
+    with_sampling(graph, ["lora", 0], f"{name}_lora_loader", *FAMILY_SAMPLING)
+    server.run_ok(graph)
+    assert torch.equal(latent(server, f"{name}_lora_loader"), latent(server, f"{name}_trained"))
+    assert "lora key not loaded: lora_unet_" not in server.read_log()

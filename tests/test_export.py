@@ -180,7 +180,7 @@ def test_a_diffusers_flux_delta_exports_under_the_fused_original_names(tmp_path)
     original = flux.NAMING.original_shapes(diffusers_shapes)
     export_webui_diff(delta, tmp_path / "flux.safetensors", base=diffusers_shapes)
     tensors, metadata = read(tmp_path / "flux.safetensors")
-    assert metadata["ss_base_model_version"] == "flux1"
+    assert metadata["ss_base_model_version"] == "flux1" and metadata["modelspec.architecture"] == "flux-1-dev/lora"
     qkv = tensors["lora_unet_double_blocks_0_img_attn_qkv.diff"]
     assert qkv.shape == original["double_blocks.0.img_attn.qkv.weight"]
     parts = []
@@ -283,3 +283,13 @@ def test_cli_prints_sizes_and_errors_and_refuses_bad_requests(tmp_path, unet, ld
     )
     assert lora.returncode == 0, lora.stderr
     assert "relative Frobenius error:" in lora.stdout and "rank 8" in lora.stdout and lora_file.is_file()
+
+
+def test_a_delta_saved_by_the_comfyui_node_is_in_comfyui_names_for_any_family(tmp_path) -> None:
+    layer = LayerDelta((4, 2), torch.tensor([0, 5], dtype=torch.int32), torch.tensor([0.5, -1.0]))
+    wan = {"blocks.0.self_attn.q.weight": layer}
+    with pytest.raises(sara_train.SaRAError, match="cannot tell which model's names"):
+        export_webui_diff(sara_train.SparseDelta(wan), tmp_path / "unknown.safetensors")
+    from_node = sara_train.SparseDelta(wan, metadata={"base_model_type": "WAN21_T2V"})
+    tensors, _ = read(export_webui_diff(from_node, tmp_path / "wan.safetensors").path)
+    assert list(tensors) == ["lora_unet_blocks_0_self_attn_q.diff"]

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "sara_train"
-LAYERS = {"engine": set(), "families": {"engine"}, "plots": {"engine"}}
+LAYERS = {"engine": set(), "families": {"engine"}, "plots": {"engine"}, "export": {"engine", "families"}}
 """Which sibling packages each lower layer may import (applications may import anything below)."""
 ALLOWED_THIRD_PARTY = {
     "engine": {"torch", "safetensors"},
     "families": {"torch", "safetensors"},
     "plots": {"torch", "PIL", "matplotlib"},
+    "export": {"torch", "safetensors"},
 }
 STDLIB = sys.stdlib_module_names
 

@@ -55,6 +55,25 @@ def values_dtype(delta: SparseDelta) -> torch.dtype:
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
+def diff_layers(
+    delta: SparseDelta, naming: Naming = "ldm", dtype: torch.dtype | None = None, base: Shapes | None = None
+) -> dict[str, LayerDelta]:
+    """``{file key: layer}`` of the "full" format (``lora_unet_<module>.diff`` / ``.diff_b``), the
+    values in ``dtype`` (default: the delta's own). See ``export_webui_diff`` for the arguments."""
+    dtype = dtype or values_dtype(delta)
+    named = delta_in_naming(delta, naming, base)
+    if dtype != torch.float32:
+        named = named.to(dtype)  # refuses values beyond fp16's range
+    return {name: layer for name, (_, layer) in loader_layers(named).items()}
+
+
+def diff_state_dict(delta: SparseDelta, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The tensors ``export_webui_diff`` writes (ldm names), in memory: what a loader of the "full"
+    format reads from the file."""
+    layers = diff_layers(delta, "ldm", dtype)
+    return {name: dense_update(layer, layer.values.dtype) for name, layer in layers.items()}
+
+
 def export_webui_diff(
     delta: SparseDelta,
     path: str | os.PathLike,
@@ -71,14 +90,11 @@ def export_webui_diff(
     Raises ``SaRAError`` (naming, unsupported layers, values beyond the dtype's range, write errors).
     """
     dtype = dtype or values_dtype(delta)
-    named = delta_in_naming(delta, naming, base)
-    if dtype != torch.float32:
-        named = named.to(dtype)  # refuses values beyond fp16's range
-    layers = loader_layers(named)
+    layers = diff_layers(delta, naming, dtype, base)
     version = base_model_version_of(delta, base_model_version)
     metadata = loader_metadata(delta, Path(path).stem, version, DIFF_NETWORK)
-    layout = {name: (dtype, tuple(layer.shape)) for name, (_, layer) in layers.items()}
-    written = write_safetensors_streaming(path, layout, lambda name: dense_update(layers[name][1], dtype), metadata)
+    layout = {name: (dtype, tuple(layer.shape)) for name, layer in layers.items()}
+    written = write_safetensors_streaming(path, layout, lambda name: dense_update(layers[name], dtype), metadata)
     return ExportReport(
         written, len(layers), delta.num_entries, written.stat().st_size, delta.summary().nbytes, version
     )

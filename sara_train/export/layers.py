@@ -93,7 +93,8 @@ def delta_in_naming(delta: SparseDelta, naming: Naming, base: Shapes | None = No
     (``input_blocks.1.1.proj_in.weight``), fitted to ``base`` when given (see ``model_shapes``;
     through the engine's delta path, so a fused q/k/v tensor is assembled from its parts).
 
-    Without ``base`` the delta's own keys must be in ``naming`` (``own_naming``); else
+    Without ``base`` the delta's own keys must be in ``naming`` (``own_naming``; a delta the ComfyUI
+    node saved, which records ``base_model_type``, is in ComfyUI's names whatever the family); else
     ``SaRAError`` saying to pass the base model.
     """
     if naming not in NAMINGS:
@@ -101,6 +102,8 @@ def delta_in_naming(delta: SparseDelta, naming: Naming, base: Shapes | None = No
     if base is not None:
         return fit_delta(delta, model_shapes(naming, base), "the base model")
     own = own_naming(list(delta.layers))
+    if own is None and "base_model_type" in delta.metadata:
+        own = "ldm"  # saved by the ComfyUI node SaRA Train: ComfyUI's own names, for any family it loads
     if own is None:
         raise SaRAError(
             "cannot tell which model's names the delta's keys are "
@@ -139,18 +142,27 @@ def loader_layers(delta: SparseDelta) -> dict[str, tuple[str, LayerDelta]]:
 BASE_MODEL_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "sd3": "sd3", "flux": "flux1"}
 """Family -> the ``ss_base_model_version`` kohya-style trainers write (the webuis' Lora tab reads
 ``sd_v1``/``sd_v2``/``sdxl_*``)."""
+MODELSPEC_ARCHITECTURES = {
+    "sd_v1": "stable-diffusion-v1/lora",
+    "sdxl_base_v1-0": "stable-diffusion-xl-v1-base/lora",
+    "flux1": "flux-1-dev/lora",
+}
+"""``ss_base_model_version`` -> the ``modelspec.architecture`` Forge's Lora tab reads (it knows Flux only so)."""
 
 
 def loader_metadata(
     delta: SparseDelta, output_name: str, base_model_version: str | None, network: Mapping[str, str]
 ) -> dict[str, str]:
     """The safetensors metadata of an exported file: what the webuis' Lora tab reads
-    (``ss_output_name``, ``ss_base_model_version``, ``ss_v2``), the ``network`` entries (e.g.
-    ``ss_network_module``), and where it came from (``sara_delta``: the delta's content hash)."""
+    (``ss_output_name``, ``ss_base_model_version``, ``ss_v2``, ``modelspec.architecture``), the
+    ``network`` entries (e.g. ``ss_network_module``), and where it came from (``sara_delta``: the
+    delta's content hash)."""
     metadata = {"ss_output_name": output_name, **network, "sara_delta": delta.content_hash()}
     if base_model_version:
         metadata["ss_base_model_version"] = base_model_version
         metadata["ss_v2"] = str(base_model_version == "sd_v2")
+        if base_model_version in MODELSPEC_ARCHITECTURES:
+            metadata["modelspec.architecture"] = MODELSPEC_ARCHITECTURES[base_model_version]
     return metadata
 
 
