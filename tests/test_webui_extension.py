@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tiny_sd import tiny_unet
 from webui_standins import (
     StandInModel,
@@ -24,6 +24,7 @@ from webui_standins import (
 )
 
 import sara_train
+from sara_train.engine.delta import LayerDelta
 from sara_train.export.diff import export_webui_diff
 from sara_train.families.sd_unet import diffusers_to_ldm_unet_keys
 from sara_webui.hooks import install
@@ -102,30 +103,35 @@ def test_forge_reads_a_sara_file_as_the_exact_full_difference(webui, tmp_path) -
     callbacks = []
     assert install(networks, network, [str(sara_dir)], None, extra_networks, callbacks.append) == "forge"
     assert extra_networks.aliases == {}  # the Lora extension registers its extra network later, before the UI
-    networks.extra_network_lora = object()
+    networks.extra_network_lora = object()  # the Lora extension's before_ui, then the webui clears aliases
+    extra_networks.initialize()
     for callback in callbacks:
         callback()
     assert extra_networks.aliases == {"sara": networks.extra_network_lora}
     networks.load_networks(["style", "plain_lora"], [1.0, 1.0])
     sara_state, plain = networks.loaded_state_dicts
-    exported = sara_train.export.diff.diff_state_dict(delta)
-    file_state = export_webui_diff(delta, tmp_path / "full.safetensors").path
-    from safetensors.torch import load_file
-
-    assert sara_state.keys() == exported.keys() == load_file(str(file_state)).keys()
-    assert all(torch.equal(sara_state[key], load_file(str(file_state))[key]) for key in sara_state)
+    assert len(sara_state) == len(delta.layers)
+    for key, layer in delta.layers.items():
+        expected = torch.zeros(layer.shape).view(-1)
+        expected[layer.flat_indices.long()] = layer.values
+        diff = sara_state["lora_unet_" + key.removesuffix(".weight").replace(".", "_") + ".diff"]
+        assert torch.equal(diff.view(-1), expected)
+    file_state = load_file(str(export_webui_diff(delta, tmp_path / "full.safetensors").path))
+    assert sara_state.keys() == file_state.keys()  # the same tensors as the exported file
     assert "read by the original" in plain
 
 
 def test_the_entry_script_installs_with_the_webui_modules(webui, tmp_path, monkeypatch) -> None:
+    """At start-up the extensions' scripts load, then the webui clears the aliases, then the before-UI
+    callbacks run (the Lora extension's first, making its extra network): the alias must survive."""
     lora_dir, sara_dir, _ = webui
     network = make_network_module()
     networks = make_networks_module(network, lora_dir)
-    networks.extra_network_lora = object()
+    before_ui = []
     modules = types.ModuleType("modules")
     modules.extra_networks = make_extra_networks_module()
     modules.paths = types.SimpleNamespace(models_path=str(tmp_path))
-    modules.script_callbacks = types.SimpleNamespace(on_before_ui=lambda callback: None)
+    modules.script_callbacks = types.SimpleNamespace(on_before_ui=before_ui.append)
     modules.shared = types.SimpleNamespace(sd_model=None)
     for name, module in {
         "modules": modules,
@@ -137,8 +143,49 @@ def test_the_entry_script_installs_with_the_webui_modules(webui, tmp_path, monke
     for name in ("paths", "script_callbacks", "shared"):
         monkeypatch.setitem(sys.modules, f"modules.{name}", getattr(modules, name))
     runpy.run_path(str(REPO / "scripts" / "sara_webui.py"))
-    assert "style" in networks.available_networks and modules.extra_networks.aliases["sara"] is not None
-    assert (tmp_path / "sara").is_dir()
+    assert (tmp_path / "sara").is_dir() and not modules.extra_networks.aliases
+    modules.extra_networks.initialize()
+    networks.extra_network_lora = object()
+    for callback in before_ui:
+        callback()
+    assert modules.extra_networks.aliases == {"sara": networks.extra_network_lora}
+    (tmp_path / "sara" / "style.safetensors").write_bytes((sara_dir / "style.safetensors").read_bytes())
+    networks.list_available_networks()
+    assert Path(networks.available_networks["style"].filename).parent == tmp_path / "sara"
+    wrapped = networks.list_available_networks, networks.load_network
+    runpy.run_path(str(REPO / "scripts" / "sara_webui.py"))  # "Reload UI": the same modules, hooked once
+    assert (networks.list_available_networks, networks.load_network) == wrapped
+
+
+def test_a1111_bias_updates_and_a_layer_of_another_shape(tmp_path, ldm_unet) -> None:
+    """A bias update comes back as the webui's extra bias (scaled by the tag weight); a weight of
+    another shape (a model switched under a loaded network) is a RuntimeError, which A1111 counts as
+    that layer's error instead of stopping the image."""
+    generator = torch.Generator().manual_seed(3)
+    weight = LayerDelta(
+        tuple(ldm_unet["out.2.weight"].shape),
+        torch.tensor([0, 7], dtype=torch.int32),
+        torch.randn(2, generator=generator),
+    )
+    bias = LayerDelta(
+        tuple(ldm_unet["out.2.bias"].shape), torch.tensor([1, 2], dtype=torch.int32), torch.tensor([0.5, -0.25])
+    )
+    sara_dir = tmp_path / "sara"
+    sara_train.SparseDelta({"out.2.weight": weight, "out.2.bias": bias}).save(sara_dir / "with_bias.safetensors")
+    network = make_network_module()
+    networks = make_networks_module(network, tmp_path)
+    shared = types.SimpleNamespace(sd_model=StandInModel(ldm_unet))
+    install(networks, network, [str(sara_dir)], shared)
+    networks.load_networks(["with_bias"], [0.5])
+    networks.apply_weights(shared.sd_model)
+    applied = shared.sd_model.unet_state()
+    expected = {key: value.clone() for key, value in ldm_unet.items()}
+    sara_train.SparseDelta({"out.2.weight": weight, "out.2.bias": bias}).apply_to(expected, strength=0.5)
+    assert torch.equal(applied["out.2.bias"], expected["out.2.bias"])
+    assert torch.equal(applied["out.2.weight"], expected["out.2.weight"])
+    (module,) = networks.loaded_networks[0].modules.values()
+    with pytest.raises(RuntimeError, match="delta is for another model"):
+        module.calc_updown(torch.zeros(3, 3))
 
 
 def test_the_repository_is_a_valid_webui_extension() -> None:

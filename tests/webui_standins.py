@@ -72,6 +72,8 @@ def make_network_module() -> types.ModuleType:
         def finalize_updown(self, updown, orig_weight, output_shape, ex_bias=None):
             if orig_weight.numel() == updown.numel():
                 updown = updown.reshape(orig_weight.shape)
+            if ex_bias is not None:
+                ex_bias = ex_bias * self.multiplier()
             return updown * self.calc_scale() * self.multiplier(), ex_bias
 
     for cls in (NetworkOnDisk, Network, NetworkWeights, NetworkModule):
@@ -89,6 +91,7 @@ def make_networks_module(network: types.ModuleType, lora_dir: Path, forge: bool 
     networks.loaded_networks = []
     networks.extra_network_lora = None
     networks.loaded_state_dicts = []
+    networks.layer_errors = {}
 
     def list_available_networks() -> None:
         networks.available_networks.clear()
@@ -129,11 +132,22 @@ def make_networks_module(network: types.ModuleType, lora_dir: Path, forge: bool 
                     continue
                 if not hasattr(module, "network_weights_backup"):
                     module.network_weights_backup = module.weight.detach().clone()
+                    bias = getattr(module, "bias", None)
+                    module.network_bias_backup = None if bias is None else bias.detach().clone()
                 module.weight.copy_(module.network_weights_backup)
+                if module.network_bias_backup is not None:
+                    module.bias.copy_(module.network_bias_backup)
                 for net in networks.loaded_networks:
-                    if name in net.modules:
-                        updown, _ = net.modules[name].calc_updown(module.weight)
-                        module.weight.copy_((module.weight.to(updown.dtype) + updown).to(module.weight.dtype))
+                    if name not in net.modules:
+                        continue
+                    try:
+                        updown, ex_bias = net.modules[name].calc_updown(module.weight)
+                    except RuntimeError:  # the webui counts a layer's error and goes on
+                        networks.layer_errors[net.name] = networks.layer_errors.get(net.name, 0) + 1
+                        continue
+                    module.weight.copy_((module.weight.to(updown.dtype) + updown).to(module.weight.dtype))
+                    if ex_bias is not None:
+                        module.bias += ex_bias
 
     networks.list_available_networks = list_available_networks
     networks.load_networks = load_networks
@@ -148,11 +162,14 @@ def make_networks_module(network: types.ModuleType, lora_dir: Path, forge: bool 
 
 
 def make_extra_networks_module() -> types.ModuleType:
+    """``modules.extra_networks``: aliases, and ``initialize()`` which clears them (the webui calls it
+    after loading the extensions' scripts, before the UI's callbacks run)."""
     extra_networks = types.ModuleType("modules.extra_networks")
     extra_networks.aliases = {}
     extra_networks.register_extra_network_alias = lambda instance, alias: extra_networks.aliases.update(
         {alias: instance}
     )
+    extra_networks.initialize = extra_networks.aliases.clear
     return extra_networks
 
 

@@ -59,14 +59,12 @@ def export_command(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else None
     options = {"naming": args.naming, "dtype": dtype, "base": base, "base_model_version": args.base_model_version}
     if args.to == "webui-diff":
-        report = export_webui_diff(delta, args.out, **options)
-        print(f"{report}\n(sparse file {args.delta}: {args.delta.stat().st_size / 2**20:.2f} MiB)")
-        return 0
-    export = export_lora(delta, args.out, args.rank, args.max_error, **options)
-    size = args.out.stat().st_size
-    print(export.table())
-    print(
-        f"wrote {args.out}: rank {args.rank}, {len(export.layers)} layers, {size / 2**20:.2f} MiB "
-        f"(sparse file {args.delta}: {args.delta.stat().st_size / 2**20:.2f} MiB)"
-    )
+        print(export_webui_diff(delta, args.out, **options))
+    else:
+        export = export_lora(delta, args.out, args.rank, args.max_error, **options)
+        print(export.table())
+        print(f"wrote {args.out}: rank {args.rank}, {len(export.layers)} layers")
+    size, sparse = args.out.stat().st_size, args.delta.stat().st_size
+    ratio = f"{size / sparse:.2f}x the sparse file {args.delta} ({sparse / 2**20:.2f} MiB)"
+    print(f"{args.out}: {size / 2**20:.2f} MiB, {ratio}")
     return 0

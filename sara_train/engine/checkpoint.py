@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,7 +17,13 @@ import torch
 from .apply import add_sparse_, check_layer_fits, fit_delta, load_deltas
 from .delta import SparseDelta
 from .errors import DeltaMismatchError, SaRAError
-from .files import SAFETENSORS_DTYPES, atomic_output, check_output_file, read_safetensors_header
+from .files import (
+    SAFETENSORS_DTYPES,
+    atomic_output,
+    check_output_file,
+    encode_safetensors_header,
+    read_safetensors_header,
+)
 
 COPY_CHUNK_BYTES = 64 * 1024 * 1024
 
@@ -83,15 +88,9 @@ def merge_checkpoint(
         records.append({"delta": content, "strength": float(item_strength), "entries": delta_item.num_entries})
     metadata = dict(header.metadata)
     metadata[MERGE_RECORD_KEY] = json.dumps(records)
-    raw_header = {
-        name: {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
-        for name, e in header.tensors.items()
-    }
-    raw_header["__metadata__"] = metadata
-    header_bytes = json.dumps(raw_header, separators=(",", ":")).encode()
-    header_bytes += b" " * (-len(header_bytes) % 8)
+    entries = {name: (e.dtype, e.shape, e.begin, e.end) for name, e in header.tensors.items()}
     with atomic_output(ckpt_out) as temp, open(header.path, "rb") as source, open(temp, "wb") as out:
-        out.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
+        out.write(encode_safetensors_header(entries, metadata))
         position = 0
         for name, entry in header.tensors.items():
             if entry.begin != position:

@@ -9,7 +9,7 @@ import os
 import stat
 import struct
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +195,22 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def encode_safetensors_header(
+    entries: Mapping[str, tuple[str, Sequence[int], int, int]], metadata: Mapping[str, str]
+) -> bytes:
+    """The first bytes of a safetensors file: the header length (u64 little-endian) and the JSON
+    header padded with spaces to a multiple of 8. ``entries``: ``{name: (dtype name, shape, begin,
+    end)}`` in file order, byte offsets into the data section."""
+    header: dict[str, object] = {
+        name: {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
+        for name, (dtype, shape, begin, end) in entries.items()
+    }
+    header["__metadata__"] = dict(metadata)
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded
+
+
 def write_safetensors_streaming(
     path: str | os.PathLike,
     layout: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
@@ -203,20 +219,20 @@ def write_safetensors_streaming(
 ) -> Path:
     """Write a safetensors file atomically, one tensor at a time: ``layout`` gives every tensor's
     ``(dtype, shape)`` in file order, ``tensor_of(name)`` makes it when its turn comes (so peak
-    memory is one tensor, not the file). ``SaRAError`` if a made tensor's dtype or shape differs
-    from its layout entry, or the file cannot be written (nothing is left behind)."""
+    memory is one tensor, not the file). ``SaRAError`` for a dtype safetensors cannot name, a made
+    tensor whose dtype or shape differs from its layout entry, or a file that cannot be written
+    (nothing is left behind)."""
     names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-    header: dict[str, object] = {}
+    entries = {}
     offset = 0
     for name, (dtype, shape) in layout.items():
+        if dtype not in names:
+            raise SaRAError(f"{name}: safetensors has no name for dtype {dtype}")
         size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-        header[name] = {"dtype": names[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        entries[name] = (names[dtype], shape, offset, offset + size)
         offset += size
-    header["__metadata__"] = dict(metadata)
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    header_bytes += b" " * (-len(header_bytes) % 8)
     with atomic_output(path) as temp, open(temp, "wb") as out:
-        out.write(struct.pack("<Q", len(header_bytes)) + header_bytes)
+        out.write(encode_safetensors_header(entries, metadata))
         for name, (dtype, shape) in layout.items():
             tensor = tensor_of(name)
             if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):

@@ -23,22 +23,20 @@ DIFF_NETWORK = {"ss_network_module": "lycoris.kohya", "ss_network_args": json.du
 
 @dataclass(frozen=True)
 class ExportReport:
-    """What an export wrote: ``path``, its ``layers`` and their ``nbytes`` on disk, the delta's
-    ``entries`` and its own size ``sparse_nbytes`` (int32 index + value per entry)."""
+    """What an export wrote: ``path``, its ``layers``, the delta's ``entries``, the file's ``nbytes``
+    and the ``base_model_version`` recorded in it (None: not recorded)."""
 
     path: Path
     layers: int
     entries: int
     nbytes: int
-    sparse_nbytes: int
     base_model_version: str | None
 
     def __str__(self) -> str:
         version = self.base_model_version or "unknown (not recorded: the Lora tab lists it as SD1 or Unknown)"
         return (
-            f"wrote {self.path}: {self.layers} layers, {self.entries:,} entries, "
-            f"{self.nbytes / 2**20:.2f} MiB (the sparse delta: {self.sparse_nbytes / 2**20:.2f} MiB, "
-            f"{self.nbytes / max(1, self.sparse_nbytes):.1f}x); base model version {version}"
+            f"wrote {self.path}: {self.layers} layers, {self.entries:,} entries, {self.nbytes / 2**20:.2f} MiB; "
+            f"base model version {version}"
         )
 
 
@@ -60,17 +58,16 @@ def diff_layers(
 ) -> dict[str, LayerDelta]:
     """``{file key: layer}`` of the "full" format (``lora_unet_<module>.diff`` / ``.diff_b``), the
     values in ``dtype`` (default: the delta's own). See ``export_webui_diff`` for the arguments."""
-    dtype = dtype or values_dtype(delta)
-    named = delta_in_naming(delta, naming, base)
-    if dtype != torch.float32:
-        named = named.to(dtype)  # refuses values beyond fp16's range
+    named = delta_in_naming(delta, naming, base).to(dtype or values_dtype(delta))  # refuses values beyond fp16's
     return {name: layer for name, (_, layer) in loader_layers(named).items()}
 
 
-def diff_state_dict(delta: SparseDelta, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def diff_state_dict(
+    delta: SparseDelta, dtype: torch.dtype | None = None, base: Shapes | None = None
+) -> dict[str, torch.Tensor]:
     """The tensors ``export_webui_diff`` writes (ldm names), in memory: what a loader of the "full"
     format reads from the file."""
-    layers = diff_layers(delta, "ldm", dtype)
+    layers = diff_layers(delta, "ldm", dtype, base)
     return {name: dense_update(layer, layer.values.dtype) for name, layer in layers.items()}
 
 
@@ -95,6 +92,4 @@ def export_webui_diff(
     metadata = loader_metadata(delta, Path(path).stem, version, DIFF_NETWORK)
     layout = {name: (dtype, tuple(layer.shape)) for name, layer in layers.items()}
     written = write_safetensors_streaming(path, layout, lambda name: dense_update(layers[name], dtype), metadata)
-    return ExportReport(
-        written, len(layers), delta.num_entries, written.stat().st_size, delta.summary().nbytes, version
-    )
+    return ExportReport(written, len(layers), delta.num_entries, written.stat().st_size, version)

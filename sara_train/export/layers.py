@@ -24,7 +24,7 @@ from ..engine.apply import fit_delta
 from ..engine.delta import LayerDelta, SparseDelta
 from ..engine.errors import SaRAError
 from ..families import flux, sd3
-from ..families.identify import delta_family
+from ..families.identify import bare_key, delta_family
 from ..families.sd_unet import (
     LDM_UNET_PREFIXES,
     diffusers_to_ldm_unet_keys,
@@ -101,9 +101,8 @@ def delta_in_naming(delta: SparseDelta, naming: Naming, base: Shapes | None = No
         raise SaRAError(f"naming must be one of {NAMINGS}, got {naming!r}")
     if base is not None:
         return fit_delta(delta, model_shapes(naming, base), "the base model")
-    own = own_naming(list(delta.layers))
-    if own is None and "base_model_type" in delta.metadata:
-        own = "ldm"  # saved by the ComfyUI node SaRA Train: ComfyUI's own names, for any family it loads
+    # saved by the ComfyUI node SaRA Train: ComfyUI's own names, for any family it loads
+    own = "ldm" if "base_model_type" in delta.metadata else own_naming(list(delta.layers))
     if own is None:
         raise SaRAError(
             "cannot tell which model's names the delta's keys are "
@@ -114,8 +113,7 @@ def delta_in_naming(delta: SparseDelta, naming: Naming, base: Shapes | None = No
             f"the delta's keys use {own} names; {naming} names need the base model's full list of tensors "
             "to translate them (pass the base checkpoint or diffusers folder)"
         )
-    bare = {key: strip_ldm_prefix(key.removeprefix("transformer.")) for key in delta.layers}
-    return rename_delta_keys(delta, bare)
+    return rename_delta_keys(delta, {key: bare_key(key) for key in delta.layers})
 
 
 def loader_layers(delta: SparseDelta) -> dict[str, tuple[str, LayerDelta]]:

@@ -2,8 +2,8 @@
 
 A SaRA update is sparse, not low-rank: the nuclear-norm loss lowers its rank, but a rank-R
 truncation still drops the update's energy beyond the R largest singular values. The export
-measures that loss per layer as the relative Frobenius error ``||D - up @ down|| / ||D||`` (exact:
-from the discarded singular values) and refuses to write a file whose overall error exceeds
+measures that loss per layer as the relative Frobenius error ``||D - up @ down|| / ||D||`` of the
+factors as stored (truncation and rounding to their dtype) and refuses to write a file whose overall error exceeds
 ``max_error``, so an approximate file is never silently bad.
 
 Per layer ``lora_unet_<module>``: ``.lora_down.weight`` [R, in(, kh, kw)], ``.lora_up.weight``
@@ -42,8 +42,8 @@ class LayerError:
 @dataclass
 class LoRAExport:
     """The factors of every layer (``tensors``, in file naming), the errors, the overall
-    ``relative_error`` = sqrt(sum of squared discarded singular values / sum of all, over all
-    layers), and the ``path`` written (None until ``export_lora`` writes it)."""
+    ``relative_error`` = sqrt(sum over layers of ||D - up @ down||^2 / sum of ||D||^2), and the
+    ``path`` written (None until ``export_lora`` writes it)."""
 
     tensors: dict[str, torch.Tensor]
     layers: list[LayerError]
@@ -59,18 +59,21 @@ class LoRAExport:
         return "\n".join(lines)
 
 
-def truncate(dense: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """``(up, down, discarded, total)`` for a weight update ``dense`` [out, in(, kh, kw)]: the best
-    rank-``rank`` factors (Eckart-Young, by SVD in fp32; up [out, r(, 1, 1)], down [r, in(, kh, kw)],
-    r = min(rank, out, in*kh*kw)) and the squared Frobenius norms of what they leave out and of ``dense``."""
+def truncate(dense: torch.Tensor, rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """``(up, down, residual, total)`` for a weight update ``dense`` [out, in(, kh, kw)]: the best
+    rank-``rank`` factors (Eckart-Young, by SVD in fp32) stored as ``dtype`` (up [out, r(, 1, 1)],
+    down [r, in(, kh, kw)], r = min(rank, out, in*kh*kw)), the squared Frobenius norm of what a
+    loader's ``up @ down`` misses (truncation and rounding to ``dtype``), and that of ``dense``."""
     matrix = dense.float().reshape(dense.shape[0], -1)
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     kept = min(rank, s.numel())
     root = s[:kept].sqrt()
-    up = (u[:, :kept] * root).reshape(dense.shape[0], kept, *([1] * (dense.dim() - 2)))
-    down = (root[:, None] * vh[:kept]).reshape(kept, *dense.shape[1:])
-    squares = s.double() ** 2
-    return up, down, float(squares[kept:].sum()), float(squares.sum())
+    up = (u[:, :kept] * root).to(dtype)
+    down = (root[:, None] * vh[:kept]).to(dtype)
+    residual = matrix.double() - up.double() @ down.double()
+    shaped_up = up.reshape(dense.shape[0], kept, *([1] * (dense.dim() - 2)))
+    shaped_down = down.reshape(kept, *dense.shape[1:])
+    return shaped_up, shaped_down, float(residual.pow(2).sum()), float(matrix.double().pow(2).sum())
 
 
 def lora_factors(
@@ -96,17 +99,17 @@ def lora_factors(
         )
     tensors: dict[str, torch.Tensor] = {}
     errors: list[LayerError] = []
-    discarded_total = squared_total = 0.0
+    residual_total = squared_total = 0.0
     for name, (_, layer) in layers.items():
         module = name.removesuffix(".diff")
-        up, down, discarded, squared = truncate(dense_update(layer, torch.float32), rank)
-        tensors[f"{module}.lora_up.weight"] = up.to(dtype).contiguous()
-        tensors[f"{module}.lora_down.weight"] = down.to(dtype).contiguous()
-        tensors[f"{module}.alpha"] = torch.tensor(float(up.shape[1]), dtype=dtype)
-        errors.append(LayerError(module, up.shape[1], math.sqrt(discarded / squared) if squared else 0.0))
-        discarded_total += discarded
+        up, down, residual, squared = truncate(dense_update(layer, torch.float32), rank, dtype)
+        tensors[f"{module}.lora_up.weight"] = up.contiguous()
+        tensors[f"{module}.lora_down.weight"] = down.contiguous()
+        tensors[f"{module}.alpha"] = torch.tensor(float(up.shape[1]))  # fp32: exact for any rank
+        errors.append(LayerError(module, up.shape[1], math.sqrt(residual / squared) if squared else 0.0))
+        residual_total += residual
         squared_total += squared
-    relative = math.sqrt(discarded_total / squared_total) if squared_total else 0.0
+    relative = math.sqrt(residual_total / squared_total) if squared_total else 0.0
     return LoRAExport(tensors, errors, relative)
 
 

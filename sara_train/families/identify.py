@@ -39,20 +39,28 @@ CROSS_ATTENTION_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 """Text-embedding width of the Stable Diffusion UNets' cross-attention (``attn2.to_k`` inputs)."""
 
 
+def bare_key(key: str) -> str:
+    """``key`` without a checkpoint / ComfyUI prefix (``model.diffusion_model.``, ``diffusion_model.``)
+    or a diffusers pipeline's ``transformer.``."""
+    return strip_ldm_prefix(key.removeprefix("transformer."))
+
+
 def delta_family(delta: SparseDelta) -> str | None:
     """The family ``delta`` is for, or None when nothing tells.
 
     In order: the ``base_kind`` the ``sara-train`` CLI records (``sd1``/``sd2``/``sdxl``); the
-    ``base_model_type`` the ComfyUI node records (``COMFYUI_MODEL_TYPES``); the keys: Flux's
+    ``base_model_type`` the ComfyUI node records (``COMFYUI_MODEL_TYPES``; a type not in it gives
+    None); else the keys: Flux's
     ``double_blocks`` (diffusers: ``single_transformer_blocks``), SD3's ``joint_blocks``; for a
     Stable Diffusion UNet (original or diffusers names) SDXL's ``label_emb``/``add_embedding``,
     else the cross-attention width (``CROSS_ATTENTION_WIDTHS``), else linear transformer
     projections (SD2) or 1x1 convolutions (SD1).
     """
-    recorded = delta.metadata.get("base_kind") or COMFYUI_MODEL_TYPES.get(delta.metadata.get("base_model_type", ""))
-    if recorded:
-        return recorded
-    bare = {strip_ldm_prefix(key.removeprefix("transformer.")): layer.shape for key, layer in delta.layers.items()}
+    if "base_kind" in delta.metadata:
+        return delta.metadata["base_kind"]
+    if "base_model_type" in delta.metadata:  # a ComfyUI model type this table does not know: no guessing
+        return COMFYUI_MODEL_TYPES.get(delta.metadata["base_model_type"])
+    bare = {bare_key(key): layer.shape for key, layer in delta.layers.items()}
     if any(key.startswith(("double_blocks.", "single_transformer_blocks.")) for key in bare):
         return "flux"
     if any(key.startswith("joint_blocks.") for key in bare):
