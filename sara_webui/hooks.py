@@ -187,16 +187,19 @@ def install(
     after the Lora extension has made its extra network, and after "Reload UI" has cleared the
     aliases), else at once. Installing again on the same modules changes nothing."""
 
+    def add_sara_networks() -> None:
+        for name, path in sara_files(folders).items():
+            if name in networks.available_networks:
+                log.warning("SaRA: %s is also a LoRA's name; <sara:%s> loads the LoRA", path, name)
+                continue
+            entry = network.NetworkOnDisk(name, str(path))
+            networks.available_networks[name] = entry
+            networks.available_network_aliases[name] = entry
+
     def listing(original):
         def list_available_networks(*args, **kwargs):
             result = original(*args, **kwargs)
-            for name, path in sara_files(folders).items():
-                if name in networks.available_networks:
-                    log.warning("SaRA: %s is also a LoRA's name; <sara:%s> loads the LoRA", path, name)
-                    continue
-                entry = network.NetworkOnDisk(name, str(path))
-                networks.available_networks[name] = entry
-                networks.available_network_aliases[name] = entry
+            add_sara_networks()
             return result
 
         return list_available_networks
@@ -239,5 +242,5 @@ def install(
             on_before_ui(register_tag)
         else:
             register_tag()
-    networks.list_available_networks()
+    add_sara_networks()  # the Lora extension listed its folder when it loaded; only ours are missing
     return style
