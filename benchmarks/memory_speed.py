@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sara_train.evidence.methods import lora_rank_for
+
 SETTINGS = {"cpu": (2, 32), "realistic": (4, 64)}
 METHODS = ["floor", "sara", "lora", "supertuning", "masked_dense", "full"]
 TRAINABLE = 50_000_000
@@ -39,17 +41,6 @@ def build_unet(device: str) -> nn.Module:
 def linear_and_conv_names(unet: nn.Module, linear_only: bool = False) -> list[str]:
     types = (nn.Linear,) if linear_only else (nn.Linear, nn.Conv2d)
     return [name for name, m in unet.named_modules() if isinstance(m, types)]
-
-
-def lora_rank_for(unet: nn.Module, count: int) -> int:
-    """LoRA rank whose adapters on every Linear/Conv2d hold about ``count`` parameters."""
-    per_rank = 0
-    for module in unet.modules():
-        if isinstance(module, nn.Linear):
-            per_rank += module.in_features + module.out_features
-        elif isinstance(module, nn.Conv2d):
-            per_rank += module.in_channels * module.kernel_size[0] * module.kernel_size[1] + module.out_channels
-    return max(1, round(count / per_rank))
 
 
 def setup(method: str, unet: nn.Module, rank_layers_per_step: int) -> tuple[list[torch.Tensor], callable]:

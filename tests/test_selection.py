@@ -60,6 +60,51 @@ def test_budget_count_is_exact_even_with_ties(dtype: torch.dtype) -> None:
             assert bool((i[1:] > i[:-1]).all())
 
 
+@pytest.mark.parametrize("budget", [1, 300, 0.25, 1.0])
+def test_largest_selection_is_the_complement_of_the_smallest(budget: float | int) -> None:
+    generator = torch.Generator().manual_seed(5)
+    weights = {f"w{i}": (torch.randn(32, 40, generator=generator) * 0.01).half() for i in range(3)}  # many ties
+    total = 3 * 32 * 40
+    k = budget if isinstance(budget, int) else round(budget * total)
+    threshold, largest = select_entries(weights, sara_train.SaRAConfig(budget=budget, selection="largest"))
+    assert threshold is None
+    assert sum(i.numel() for i in largest.values()) == k
+    chosen = torch.cat([weights[n].flatten()[i.long()].abs().float() for n, i in largest.items()])
+    others = torch.cat(
+        [
+            w.flatten().abs().float()[torch.isin(torch.arange(w.numel()), largest[n].long(), invert=True)]
+            if n in largest
+            else w.flatten().abs().float()
+            for n, w in weights.items()
+        ]
+    )
+    assert others.numel() == total - k
+    if others.numel():
+        assert float(chosen.min()) >= float(others.max())
+
+
+def test_random_selection_is_seeded_uniform_and_exact() -> None:
+    weights = {"a": torch.zeros(100, 50), "b": torch.zeros(300)}  # magnitudes play no part
+    select = lambda seed: select_entries(
+        weights, sara_train.SaRAConfig(budget=0.1, selection="random", selection_seed=seed)
+    )[1]
+    first, again, other = select(0), select(0), select(1)
+    assert sum(i.numel() for i in first.values()) == 530
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    assert not all(torch.equal(first[n], other[n]) for n in first)
+    assert 500 * 0.05 < first["a"].numel() < 500 * 0.2 * 10  # spread over both weights, not packed in one
+    assert first["b"].numel() > 0
+
+
+def test_only_a_smallest_selection_has_a_progressive_step() -> None:
+    model = nn.Linear(20, 20)
+    handle = sara_train.inject(model, sara_train.SaRAConfig(budget=0.2, selection="largest"))
+    assert handle.num_trainable == 80
+    with pytest.raises(sara_train.SaRAError, match="'largest' selection has none"):
+        handle.reselect()
+    assert handle.delta().selection == {"threshold": None, "budget": 0.2, "selection": "largest"}
+
+
 def test_targets_patterns_bias_and_norm(tiny_net: nn.Module) -> None:
     names = lambda cfg: [t.name for t in find_targets(tiny_net, cfg)]
     assert names(sara_train.SaRAConfig()) == ["conv.weight", "proj.weight", "head.weight"]
@@ -81,6 +126,8 @@ def test_targets_patterns_bias_and_norm(tiny_net: nn.Module) -> None:
         ({"threshold": float("nan")}, "threshold must be a finite number > 0"),
         ({"budget": float("nan")}, "fractional budget"),
         ({"include": ["attn("]}, "include pattern 'attn\\(' is not a valid regex"),
+        ({"selection": "median"}, "selection must be one of"),
+        ({"selection": "largest", "threshold": 0.1}, "takes a budget, not a threshold"),
     ],
 )
 def test_config_errors(kwargs: dict, message: str) -> None:

@@ -68,12 +68,21 @@ def character_accuracy(generated: torch.Tensor, chars: Sequence[str]) -> float:
     return sum(got == want for got, want in zip(recognised, chars)) / len(chars)
 
 
+def glyph_distance(first: torch.Tensor, second: torch.Tensor) -> float:
+    """Root-mean-square pixel distance (blurred, on the [-1, 1] scale) between two glyph batches
+    [N, 1, 32, 32] compared position by position: 0 when they are the same."""
+    _check_glyphs(first)
+    _check_glyphs(second)
+    if first.shape != second.shape:
+        raise SaRAError(f"cannot compare {first.shape[0]} glyphs with {second.shape[0]}")
+    return float((_blurred(first) - _blurred(second)).pow(2).mean().sqrt())
+
+
 def style_distance(generated: torch.Tensor, chars: Sequence[str], font: Font) -> float:
-    """Root-mean-square pixel distance (blurred, on the [-1, 1] scale) between ``generated``
-    [N, 1, 32, 32] and ``font``'s renderings of the same ``chars``: 0 is a perfect copy."""
+    """``glyph_distance`` between ``generated`` [N, 1, 32, 32] and ``font``'s renderings of the same
+    ``chars``: 0 is a perfect copy."""
     _check_glyphs(generated, chars)
-    rendered = render_glyphs(font, list(chars))
-    return float((_blurred(generated) - _blurred(rendered)).pow(2).mean().sqrt())
+    return glyph_distance(generated, render_glyphs(font, list(chars)))
 
 
 def style_distances(generated: torch.Tensor, chars: Sequence[str]) -> dict[str, float]:

@@ -12,6 +12,7 @@ from torch import nn
 from .errors import SaRAError
 
 DEFAULT_BUDGET = 0.05
+SELECTIONS = ("smallest", "largest", "random")
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.LayerNorm,
     nn.GroupNorm,
@@ -37,6 +38,13 @@ class SaRAConfig:
     budget: float | int | None = None
     """Train the smallest-magnitude entries: a float in (0, 1] is a fraction of all targeted
     entries, an int >= 1 a count. Solved exactly (global k-th smallest |w|)."""
+    selection: str = "smallest"
+    """Which entries a budget picks: ``"smallest"`` |w| (SaRA), or for ablations ``"largest"`` |w| or
+    ``"random"`` (uniform over all targeted entries, seeded by ``selection_seed``; needs 4 bytes per
+    targeted entry while selecting). Only ``"smallest"`` has a threshold, so only it takes a
+    ``threshold`` and allows the progressive re-selection."""
+    selection_seed: int = 0
+    """Seed of a ``"random"`` selection (same seed, same targets: same entries)."""
     target_types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
     """Module types whose ``weight`` is targeted."""
     include: list[str] = field(default_factory=list)
@@ -62,6 +70,10 @@ class SaRAConfig:
             raise SaRAError("SaRAConfig: give either threshold or budget, not both")
         if self.threshold is None and self.budget is None:
             self.budget = DEFAULT_BUDGET
+        if self.selection not in SELECTIONS:
+            raise SaRAError(f"SaRAConfig: selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.selection != "smallest" and self.threshold is not None:
+            raise SaRAError(f"SaRAConfig: a {self.selection!r} selection takes a budget, not a threshold")
         if self.threshold is not None and not (
             isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold > 0
         ):

@@ -68,7 +68,12 @@ class SaRAHandle:
     ``requires_grad`` holds the model's flags from before injection, restored by ``remove()``."""
 
     def __init__(
-        self, model: nn.Module, config: SaRAConfig, threshold: float, requires_grad: dict[str, bool], num_targeted: int
+        self,
+        model: nn.Module,
+        config: SaRAConfig,
+        threshold: float | None,
+        requires_grad: dict[str, bool],
+        num_targeted: int,
     ) -> None:
         self.model = model
         self.config = config
@@ -155,7 +160,13 @@ class SaRAHandle:
         state (e.g. Adam moments) of the kept entries is kept: pass ``optimizer`` to move it now;
         without it, any torch optimizer holding the old values swaps them for the new ones, with
         sliced state, just before its next ``step()``. Under DDP, wrap the model again afterwards.
+        Raises ``SaRAError`` for a "largest" or "random" selection (it has no threshold).
         """
+        if self.threshold is None:
+            raise SaRAError(
+                f"the progressive step keeps the entries still below the selection threshold; "
+                f"a {self.config.selection!r} selection has none"
+            )
         for name, update in self.layers.items():
             old = update.values
             keep = update.reselect(self.weight(name), self.threshold)
@@ -228,6 +239,8 @@ class SaRAHandle:
                 update.probe_values.cpu(),
             )
         selection = {"threshold": self.threshold, "budget": self.config.budget}
+        if self.config.selection != "smallest":
+            selection["selection"] = self.config.selection
         return SparseDelta(layers, selection, metadata)
 
     @torch.no_grad()

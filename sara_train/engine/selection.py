@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -132,14 +132,18 @@ def next_float_above(value: float) -> float:
     ).item()
 
 
-def select_entries(weights: Mapping[str, torch.Tensor], config: SaRAConfig) -> tuple[float, dict[str, torch.Tensor]]:
+def select_entries(
+    weights: Mapping[str, torch.Tensor], config: SaRAConfig
+) -> tuple[float | None, dict[str, torch.Tensor]]:
     """Choose the trainable entries of each weight.
 
-    Returns ``(threshold, flat_indices)``: every selected entry has ``|w| < threshold``;
-    ``flat_indices[name]`` is a sorted int32 tensor of row-major positions (weights with no
-    selected entry are left out). Threshold mode selects exactly ``|w| < threshold``; budget mode
-    selects exactly k entries: all with ``|w|`` below the k-th smallest magnitude plus, among the
-    entries equal to it, the first ones in ``weights`` order.
+    Returns ``(threshold, flat_indices)``: ``flat_indices[name]`` is a sorted int32 tensor of
+    row-major positions (weights with no selected entry are left out). Threshold mode selects
+    exactly ``|w| < threshold``; budget mode selects exactly k entries. For ``config.selection``
+    "smallest" those are all with ``|w|`` below the k-th smallest magnitude plus, among the entries
+    equal to it, the first ones in ``weights`` order, and every selected entry has ``|w| <
+    threshold``; "largest" selects the complement of the smallest ``total - k``; "random" the k
+    smallest of seeded uniform scores. Those two have no threshold (None is returned).
     """
     flat_indices: dict[str, torch.Tensor] = {}
 
@@ -155,7 +159,33 @@ def select_entries(weights: Mapping[str, torch.Tensor], config: SaRAConfig) -> t
         return threshold, flat_indices
     total = sum(w.numel() for w in weights.values())
     k = budget_to_count(config.budget, total)
+    if config.selection == "largest":
+        for name, mask in _smallest_masks(weights, total - k):
+            keep(name, ~mask)
+        return None, flat_indices
+    if config.selection == "random":
+        generator = torch.Generator().manual_seed(config.selection_seed)
+        scores = {name: torch.rand(w.numel(), generator=generator).to(w.device) for name, w in weights.items()}
+        for name, mask in _smallest_masks(scores, k):
+            keep(name, mask)
+        return None, flat_indices
     cut = kth_smallest_magnitude(weights.values(), k)
+    for name, mask in _smallest_masks(weights, k, cut):
+        keep(name, mask)
+    return next_float_above(cut.value), flat_indices
+
+
+def _smallest_masks(
+    weights: Mapping[str, torch.Tensor], k: int, cut: BudgetCut | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, flat bool mask)`` per weight, together marking exactly the ``k`` (0 <= k <= total)
+    smallest ``|w|``: all below the k-th smallest, then ties in ``weights`` order. ``cut`` is
+    ``kth_smallest_magnitude(weights.values(), k)`` when the caller already has it."""
+    if k == 0:
+        for name, w in weights.items():
+            yield name, torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
+        return
+    cut = cut or kth_smallest_magnitude(weights.values(), k)
     ties_left = k - cut.count_below
     for name, w in weights.items():
         bits = _magnitude_bits(w)
@@ -164,5 +194,4 @@ def select_entries(weights: Mapping[str, torch.Tensor], config: SaRAConfig) -> t
             ties = (bits == cut.value_bits).nonzero().squeeze(1)[:ties_left]
             mask[ties] = True
             ties_left -= ties.numel()
-        keep(name, mask)
-    return next_float_above(cut.value), flat_indices
+        yield name, mask

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..engine.files import atomic_output
+from .lines import Line, save_line_plot
 
 SMOOTHING = 0.9
 
@@ -22,20 +22,8 @@ def smoothed(values: list[float], factor: float = SMOOTHING) -> list[float]:
 def plot_loss(path: Path, steps: Sequence[int], losses: Sequence[float], title: str = "SaRA training loss") -> None:
     """Save a PNG of the loss per step (raw and smoothed) to ``path`` atomically. Imports
     matplotlib (Agg) on first use."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    figure, axes = pyplot.subplots(figsize=(7, 3.6), dpi=100)
-    axes.plot(steps, losses, color="#9db4e0", linewidth=0.8, label="loss")
-    axes.plot(steps, smoothed(list(losses)), color="#1f4fb4", linewidth=1.8, label=f"smoothed ({SMOOTHING})")
-    axes.set_xlabel("step")
-    axes.set_ylabel("denoising loss (MSE)")
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    with atomic_output(path) as temp:
-        figure.savefig(temp, format="png")
-    pyplot.close(figure)
+    lines = [
+        Line(steps, losses, "#9db4e0", 0.8, "loss"),
+        Line(steps, smoothed(list(losses)), "#1f4fb4", 1.8, f"smoothed ({SMOOTHING})"),
+    ]
+    save_line_plot(path, lines, "step", "denoising loss (MSE)", title)
