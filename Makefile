@@ -10,7 +10,7 @@ export COMFYUI_DIR
 # The browser tests drive Debian's Chromium (apt needs root; sudo is used when not root).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install chromium lint test demo bench clean
+.PHONY: install chromium lint test demo bench evidence clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -45,6 +45,9 @@ test: install chromium lint
 
 bench: install
 	$(PY) -m benchmarks.memory_speed
+
+evidence: install  # docs/results.md: SaRA vs LoRA and the ablations (~95 min on 2 cores; resumable)
+	$(PY) -m benchmarks.quality --out bench-output/quality
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info .cache demo-output

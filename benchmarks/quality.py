@@ -10,8 +10,9 @@ Phases (runs go to a pool of ``--workers`` processes with one torch thread each)
   2. Table 1: SaRA, LoRA and Super-Tuning at every budget plus full fine-tuning, every font and seed;
   3. Table 2: SaRA's ablations and the largest/random selections at the middle budget;
   4. Sec. 3.1 zeroing check and Sec. 3.2 persistence of the small weights.
-Every finished run is appended to ``results.jsonl`` in ``--out``; a rerun with the same ``--out``
-skips them (so an interrupted run resumes). The tables go to ``report.md`` there and to stdout.
+Every finished run is appended to ``results.jsonl`` in ``--out``, the observations go to
+``observations.json``; a rerun with the same ``--out`` skips what is there (so an interrupted run
+resumes). The tables go to ``report.md`` there and to stdout.
 """
 
 from __future__ import annotations
@@ -29,11 +30,25 @@ from pathlib import Path
 import torch
 
 from sara_train.engine.files import atomic_output
-from sara_train.evidence.experiment import TARGET_FONTS, RunSpec, run_record
+from sara_train.evidence.experiment import TARGET_FONTS, RunSpec, run_record, score_base_model
 from sara_train.evidence.methods import METHODS
-from sara_train.evidence.observations import small_weight_persistence, zeroing_check
-from sara_train.evidence.report import best_learning_rates, per_font_table, summary_table, sweep_table
+from sara_train.evidence.observations import (
+    PersistencePoint,
+    ZeroingResult,
+    small_weight_persistence,
+    zeroing_check,
+)
+from sara_train.evidence.report import (
+    Row,
+    best_learning_rates,
+    mean_std,
+    per_font_table,
+    summary_rows,
+    summary_table,
+    sweep_table,
+)
 from sara_train.plots.persistence import plot_persistence
+from sara_train.plots.tradeoff import Point, plot_tradeoff
 
 TABLE_1_METHODS = ("sara", "lora", "supertuning", "full")
 ABLATION_METHODS = ("sara", "sara_no_progressive", "sara_no_rank", "sara_neither", "largest", "random")
@@ -135,12 +150,21 @@ def main(argv: list[str] | None = None) -> int:
         return RunSpec(method, budget, font, seed, rate, preset.steps, preset.batch_size, preset.sampler_steps)
 
     middle = preset.budgets[len(preset.budgets) // 2]
+    observations_path = args.out / "observations.json"
+    observation_settings = {
+        "zeroing_budgets": list(preset.zeroing_budgets),
+        "sampler_steps": preset.sampler_steps,
+        "persistence_steps": preset.persistence_steps,
+    }
+    observations = read_observations(observations_path, observation_settings)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.workers, context, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        observations = {
-            "zeroing": pool.submit(zeroing_check, list(preset.zeroing_budgets), preset.sampler_steps),
-            "persistence": pool.submit(small_weight_persistence, preset.persistence_steps, 10),
-        }
+        if observations is None:
+            pending = (
+                pool.submit(zeroing_check, list(preset.zeroing_budgets), preset.sampler_steps),
+                pool.submit(small_weight_persistence, preset.persistence_steps, 10),
+            )
+        base = {font: pool.submit(score_base_model, font, preset.sampler_steps) for font in preset.fonts}
         sweep = run_all(
             [
                 spec(method, middle, preset.fonts[0], SWEEP_SEED, rate)
@@ -173,8 +197,20 @@ def main(argv: list[str] | None = None) -> int:
             results_path,
             pool,
         )
-        zeroing = observations["zeroing"].result()
-        threshold, persistence = observations["persistence"].result()
+        base_scores = {font: future.result() for font, future in base.items()}
+        if observations is None:
+            zeroing = pending[0].result()
+            threshold, persistence = pending[1].result()
+            observations = {
+                "settings": observation_settings,
+                "zeroing": [asdict(row) for row in zeroing],
+                "persistence": {"threshold": threshold, "points": [asdict(p) for p in persistence]},
+            }
+            with atomic_output(observations_path) as temp:
+                temp.write_text(json.dumps(observations, indent=1))
+    zeroing = [ZeroingResult(**row) for row in observations["zeroing"]]
+    threshold = observations["persistence"]["threshold"]
+    persistence = [PersistencePoint(**point) for point in observations["persistence"]["points"]]
     plot_persistence(
         args.out / "persistence.png",
         [p.step for p in persistence],
@@ -182,24 +218,37 @@ def main(argv: list[str] | None = None) -> int:
         [p.newly_small for p in persistence],
         f"Glyph base, continued pretraining: weights below the 1% threshold ({threshold:.2g})",
     )
-    with atomic_output(args.out / "observations.json") as temp:
-        temp.write_text(
-            json.dumps(
-                {
-                    "zeroing": [asdict(row) for row in zeroing],
-                    "persistence": {"threshold": threshold, "points": [asdict(p) for p in persistence]},
-                },
-                indent=1,
-            )
-        )
-    report = render_report(preset, args, sweep, table_1, table_2, zeroing, persistence, time.monotonic() - started)
+    plot_tradeoff(
+        args.out / "tradeoff.png",
+        [tradeoff_point(row) for row in summary_rows(table_1)],
+        "prior drift (lower: pretraining styles kept)",
+        "style Fréchet distance (lower: closer to the target font)",
+        "Table 1: fit to the new font vs drift of the old ones (mean ± std over seeds)",
+    )
+    report = render_report(
+        preset, args, base_scores, sweep, table_1, table_2, zeroing, persistence, time.monotonic() - started
+    )
     with atomic_output(args.out / "report.md") as temp:
         temp.write_text(report)
     print(report)
     return 0
 
 
-def render_report(preset, args, sweep, table_1, table_2, zeroing, persistence, seconds: float) -> str:
+def tradeoff_point(row: Row) -> Point:
+    """A Table 1 row as a point: prior drift (x) against style Fréchet distance (y), mean ± std."""
+    (drift, drift_std), (frechet, frechet_std) = mean_std(row.per_seed["drift"]), mean_std(row.per_seed["frechet"])
+    return Point(row.label, x=drift, y=frechet, x_std=drift_std, y_std=frechet_std)
+
+
+def read_observations(path: Path, settings: dict) -> dict | None:
+    """The observations an earlier run with the same ``settings`` saved at ``path``, else None."""
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    return saved if saved.get("settings") == settings else None
+
+
+def render_report(preset, args, base_scores, sweep, table_1, table_2, zeroing, persistence, seconds: float) -> str:
     """The markdown report: settings, machine, the tables, the observations."""
     zeroing_lines = [
         "| zeroed (smallest) | threshold | char. accuracy | drawing change | relative pixel change |",
@@ -221,10 +270,13 @@ def render_report(preset, args, sweep, table_1, table_2, zeroing, persistence, s
                 f"Preset: {'quick' if args.quick else 'full'} ({json.dumps(asdict(preset))}). "
                 f"Machine: {platform.machine()}, {args.workers} worker process(es) × 1 torch thread, torch "
                 f"{torch.__version__}. Wall time: {seconds / 60:.1f} min.",
+                "## Reference: the base model, not fine-tuned",
+                base_table(base_scores),
                 "## Learning-rate sweep",
                 sweep_table(sweep),
                 "## Table 1: methods × budgets (mean over fonts; mean ± std over seeds)",
                 summary_table(table_1),
+                "Fit against drift: tradeoff.png.",
                 "### Per font",
                 per_font_table(table_1),
                 "## Table 2: ablations at the middle budget",
@@ -237,6 +289,13 @@ def render_report(preset, args, sweep, table_1, table_2, zeroing, persistence, s
         )
         + "\n"
     )
+
+
+def base_table(base_scores: dict[str, dict[str, float]]) -> str:
+    lines = ["| target font | style Fréchet | pixel dist. | char. accuracy |", "|---|---:|---:|---:|"]
+    for font, scores in base_scores.items():
+        lines.append(f"| {font} | {scores['frechet']:.0f} | {scores['pixel']:.3f} | {scores['accuracy']:.1%} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -159,16 +159,26 @@ def test_quick_evidence_run_writes_every_table(tmp_path: Path) -> None:
         assert all(math.isfinite(entry[key]) for key in ("frechet", "pixel", "accuracy", "drift", "loss"))
         assert 0.0 <= entry["accuracy"] <= 1.0 and entry["trainable"] > 0
     report = (out / "report.md").read_text()
-    for heading in ("Learning-rate sweep", "Table 1", "Per font", "Table 2", "Sec. 3.1", "Sec. 3.2"):
+    for heading in (
+        "Reference: the base model",
+        "Learning-rate sweep",
+        "Table 1",
+        "Per font",
+        "Table 2",
+        "Sec. 3.1",
+        "Sec. 3.2",
+    ):
         assert f" {heading}" in report
     assert report.count("| SaRA @ 5% |") == 3  # Table 1, per font, Table 2
-    assert (out / "persistence.png").stat().st_size > 1000
+    assert (out / "persistence.png").stat().st_size > 1000 and (out / "tradeoff.png").stat().st_size > 1000
     observations = json.loads((out / "observations.json").read_text())
     assert [row["budget"] for row in observations["zeroing"]] == [0.0, 0.05, 0.2]
     first = observations["persistence"]["points"][0]
     assert first["step"] == 0 and first["newly_small"] == 0 and first["still_small"] == pytest.approx(0.01, rel=1e-3)
     assert report in completed.stdout
+    observed = (out / "observations.json").stat().st_mtime_ns
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("already done") == 3 and "[1/" not in again.stderr
     assert len((out / "results.jsonl").read_text().splitlines()) == len(records)  # nothing ran twice
+    assert (out / "observations.json").stat().st_mtime_ns == observed

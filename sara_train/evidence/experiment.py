@@ -125,6 +125,11 @@ def score(model: GlyphModel, font: Font, sampler_steps: int) -> dict[str, float]
     }
 
 
+def score_base_model(style: str, sampler_steps: int) -> dict[str, float]:
+    """``score`` of the base model itself for the target font ``style`` (drift is 0 by definition)."""
+    return score(load_glyph_model(), target_font(style), sampler_steps)
+
+
 def run_one(spec: RunSpec) -> RunScores:
     """Fine-tune the base glyph model as ``spec`` says and score it (module docstring)."""
     started = time.perf_counter()

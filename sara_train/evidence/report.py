@@ -6,6 +6,7 @@ from __future__ import annotations
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from .experiment import vlhi
 from .methods import METHODS
@@ -57,23 +58,42 @@ def _cell(metric: str, values: Sequence[float]) -> str:
     return f"{mean:.3f} ± {std:.3f}"
 
 
+@dataclass(frozen=True)
+class Row:
+    """One method and budget over several fonts and seeds: ``per_seed[metric]`` holds, per seed, the
+    mean over fonts; ``trainable`` the mean trainable count; ``seeds`` and ``fonts`` the counts."""
+
+    label: str
+    per_seed: dict[str, list[float]]
+    trainable: float
+    seeds: int
+    fonts: int
+
+
+def summary_rows(records: Sequence[dict]) -> list[Row]:
+    """``Row`` per method and budget, in first-seen order; VLHI computed per font and seed."""
+    grouped: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for record in with_vlhi(records):
+        grouped[row_label(record)][record["seed"]].append(record)
+    rows = []
+    for label, by_seed in grouped.items():
+        per_seed = {m: [statistics.fmean(r[m] for r in group) for group in by_seed.values()] for m in METRICS}
+        all_records = [r for group in by_seed.values() for r in group]
+        trainable = statistics.fmean(r["trainable"] for r in all_records)
+        rows.append(Row(label, per_seed, trainable, len(by_seed), len({r["font"] for r in all_records})))
+    return rows
+
+
 def summary_table(records: Sequence[dict], metrics: Sequence[str] = METRICS) -> str:
-    """One row per method and budget (in first-seen order): trainable entries and each metric as
-    mean ± std over seeds of the per-seed mean over fonts. VLHI is computed per font and seed."""
-    scored = with_vlhi(records)
-    rows: dict[str, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    for record in scored:
-        rows[row_label(record)][record["seed"]].append(record)
+    """One line per ``summary_rows`` row: trainable entries and each metric as mean ± std over seeds
+    of the per-seed mean over fonts."""
     lines = [
         "| method | trainable | " + " | ".join(HEADERS[m] for m in metrics) + " | seeds × fonts |",
         "|---|---:|" + "---:|" * len(metrics) + "---:|",
     ]
-    for label, by_seed in rows.items():
-        per_seed = {m: [statistics.fmean(r[m] for r in group) for group in by_seed.values()] for m in metrics}
-        trainable = statistics.fmean(r["trainable"] for group in by_seed.values() for r in group)
-        fonts = {r["font"] for group in by_seed.values() for r in group}
-        cells = " | ".join(_cell(m, per_seed[m]) for m in metrics)
-        lines.append(f"| {label} | {trainable:,.0f} | {cells} | {len(by_seed)} × {len(fonts)} |")
+    for row in summary_rows(records):
+        cells = " | ".join(_cell(m, row.per_seed[m]) for m in metrics)
+        lines.append(f"| {row.label} | {row.trainable:,.0f} | {cells} | {row.seeds} × {row.fonts} |")
     return "\n".join(lines)
 
 

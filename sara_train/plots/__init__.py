@@ -1,1 +1,1 @@
-"""Images for people: the loss plot and the |w| histogram (matplotlib / Pillow)."""
+"""Images for people: the loss plot, the |w| histogram and the small-weight persistence plot (matplotlib / Pillow)."""
