@@ -57,6 +57,7 @@ def test_bad_toml_is_named(tmp_path: Path, text: str, message: str) -> None:
         ({"budget": 0.1, "threshold": 1e-3}, "not both"),
         ({"progressive_fraction": 1.0}, "progressive-fraction"),
         ({"steps": 0}, "--steps must be >= 1"),
+        ({"snr_gamma": -1.0}, "--snr-gamma must be >= 0"),
     ],
 )
 def test_validation_names_the_option(changes: dict, message: str) -> None:

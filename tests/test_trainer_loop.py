@@ -13,8 +13,11 @@ from sara_train import SparseDelta
 from sara_train.engine.errors import SaRAError
 from sara_train.trainer.config import LoopConfig
 from sara_train.trainer.logs import read_loss_log
-from sara_train.trainer.loop import learning_rate_at, run_training
+from sara_train.trainer.loop import Distributed, learning_rate_at, micro_batch_loss, run_training
 from sara_train.trainer.types import PromptEmbedding, TrainingExample
+from sara_train.trainer.weighting import min_snr_weights
+
+CPU = torch.device("cpu")
 
 
 def make_examples(count: int = 6) -> list[TrainingExample]:
@@ -52,6 +55,47 @@ def test_learning_rate_schedule() -> None:
     assert [round(learning_rate_at(s, config), 3) for s in (0, 1, 2, 6, 9)] == [0.5, 1.0, 1.0, 0.5, 0.125]
     cosine = replace(config, lr_schedule="cosine", warmup_steps=0)
     assert learning_rate_at(0, cosine) == 1.0 and learning_rate_at(5, cosine) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_min_snr_weights_follow_the_paper(prediction_type: str) -> None:
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
+    timesteps = torch.tensor([0, 10, 200, 999])
+    alphas = scheduler.alphas_cumprod[timesteps].double()
+    snr = alphas / (1 - alphas)
+    clipped = snr.clamp(max=5.0)
+    expected = {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}[prediction_type]
+    torch.testing.assert_close(min_snr_weights(scheduler, timesteps, 5.0), expected.float())
+    assert min_snr_weights(scheduler, timesteps, 5.0)[-1] == pytest.approx(expected[-1].item())  # noisy end: unclipped
+
+
+def test_snr_gamma_weights_each_examples_error() -> None:
+    torch.manual_seed(0)
+    unet = tiny_unet("sd15")
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    batch = make_examples(4)
+
+    def loss(gamma: float) -> float:
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            return float(
+                micro_batch_loss(unet, scheduler, batch, generator, Distributed(), 4, torch.float32, CPU, gamma)
+            )
+
+    generator = torch.Generator().manual_seed(1)  # the same draws, by hand
+    latents = torch.stack([example.latents for example in batch])
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, 1000, (4,), generator=generator)
+    hidden = torch.stack([example.prompt.hidden_states for example in batch])
+    with torch.no_grad():
+        prediction = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, hidden).sample
+    errors = (prediction - noise).pow(2).flatten(1).mean(1)
+    alphas = scheduler.alphas_cumprod[timesteps]
+    snr = alphas / (1 - alphas)
+    assert loss(0.0) == pytest.approx(float(errors.mean()), rel=1e-5)
+    gamma = float(snr.median())  # clips about half of the drawn timesteps
+    assert loss(gamma) == pytest.approx(float((errors * snr.clamp(max=gamma) / snr).mean()), rel=1e-5)
+    assert loss(gamma) < loss(0.0)  # the low-noise timesteps (SNR > gamma) count less
 
 
 def test_run_writes_delta_logs_and_samples(tmp_path: Path) -> None:

@@ -58,6 +58,11 @@ class LoopConfig:
         "Decoupled decay of the learned update toward the pretrained weights (not of the weights toward zero).",
         "optimisation",
     )
+    snr_gamma: float = option(
+        0.0,
+        "Min-SNR-γ loss weighting (Hang et al. 2023): clip each timestep's SNR at this value; 5 is usual, 0 is off.",
+        "optimisation",
+    )
     seed: int = option(0, "Seed for data order, noise and timesteps (0 to 2**63 - 1).", "optimisation")
     mixed_precision: str = option(
         "no",
@@ -101,7 +106,7 @@ class LoopConfig:
         for name in ("steps", "batch_size", "grad_accumulation", "log_every"):
             if getattr(self, name) < 1:
                 raise SaRAError(f"--{flag(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "save_every", "sample_every", "weight_decay", "rank_weight"):
+        for name in ("warmup_steps", "save_every", "sample_every", "weight_decay", "rank_weight", "snr_gamma"):
             if getattr(self, name) < 0:
                 raise SaRAError(f"--{flag(name)} must be >= 0, got {getattr(self, name)}")
         if not self.learning_rate > 0:

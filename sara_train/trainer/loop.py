@@ -40,6 +40,7 @@ from .interrupts import Interrupted, StopSignals
 from .logs import LossRow, read_loss_log, write_loss_log
 from .state_file import read_state_file, save_state_file
 from .types import TrainingExample
+from .weighting import min_snr_weights
 
 RESUME_INDEPENDENT = {
     "output_dir",
@@ -444,6 +445,7 @@ class TrainingRun:
                 config.batch_size,
                 compute_dtype,
                 device,
+                config.snr_gamma,
             )
             backward(loss / config.grad_accumulation, self.scaler)
             loss_sum += loss.detach().double().cpu()
@@ -501,8 +503,11 @@ def micro_batch_loss(
     per_process: int,
     compute_dtype: torch.dtype,
     device: torch.device,
+    snr_gamma: float = 0.0,
 ) -> torch.Tensor:
-    """Denoising MSE of this process's slice of the global micro-batch ``batch`` (0-d fp32 tensor)."""
+    """Denoising MSE of this process's slice of the global micro-batch ``batch`` (0-d fp32 tensor):
+    the mean over examples of each example's mean squared error, each weighted by
+    ``min_snr_weights`` when ``snr_gamma`` > 0."""
     latents = torch.stack([example.latents for example in batch]).float()
     noise = torch.randn(latents.shape, generator=noise_generator)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(batch),), generator=noise_generator)
@@ -522,7 +527,10 @@ def micro_batch_loss(
         prediction = unet(
             noisy.to(compute_dtype), timesteps, encoder_hidden_states=hidden_states, added_cond_kwargs=added_conditions
         ).sample
-    return nn.functional.mse_loss(prediction.float(), target.float())
+    per_example = nn.functional.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
+    if snr_gamma:
+        per_example = per_example * min_snr_weights(noise_scheduler, timesteps, snr_gamma)
+    return per_example.mean()
 
 
 def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
