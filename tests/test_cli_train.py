@@ -295,12 +295,24 @@ def test_out_of_disk_while_saving_leaves_no_corrupt_file(tiny_base: Path, image_
 @pytest.mark.parametrize("kind, base_kind", [("sd2", "sd2"), ("sdxl", "sdxl")])
 def test_sd2_and_sdxl_bases_train(kind: str, base_kind: str, image_folder: Path, tmp_path: Path) -> None:
     """v-prediction (SD2) and SDXL's pooled text embeddings + size/crop conditioning go through the
-    same command; the delta gets original SD names and the loss log is finite."""
+    same command, also with min-SNR weighting and caption dropout (the empty caption encoded with
+    SDXL's pooled embedding); the delta gets original SD names and the loss log is finite."""
     base = write_tiny_sd_pipeline(tmp_path / kind, kind)
     out = tmp_path / "run"
+    features = ("--snr-gamma", "5", "--caption-dropout", "0.5")
     result = sara_train_cli(
         *train_args(
-            base, image_folder, out, "--steps", "2", "--crop", "random", "--random-crop-variants", "2", "--flip"
+            base,
+            image_folder,
+            out,
+            "--steps",
+            "2",
+            "--crop",
+            "random",
+            "--random-crop-variants",
+            "2",
+            "--flip",
+            *features,
         )
     )
     assert result.returncode == 0, result.stderr

@@ -98,6 +98,32 @@ def test_snr_gamma_weights_each_examples_error() -> None:
     assert loss(gamma) < loss(0.0)  # the low-noise timesteps (SNR > gamma) count less
 
 
+def test_caption_dropout_trains_the_seeded_share_with_the_empty_caption(tmp_path: Path) -> None:
+    empty = PromptEmbedding(torch.zeros(5, TEXT_WIDTH))
+    config = make_config(tmp_path, steps=30, grad_accumulation=1, batch_size=4, caption_dropout=0.25)
+    with pytest.raises(SaRAError, match="caption-dropout needs the empty caption"):
+        train(config)
+    torch.manual_seed(0)
+    unet = tiny_unet("sd15")
+    seen: list[bool] = []
+
+    def record(module, args, kwargs) -> None:
+        states = kwargs["encoder_hidden_states"]
+        seen.extend(bool(row.eq(0).all()) for row in states)
+
+    unet.register_forward_pre_hook(record, with_kwargs=True)
+    run_training(unet, DDPMScheduler(num_train_timesteps=1000), make_examples(), config, empty_prompt=empty)
+    assert len(seen) == 120
+    assert 0.15 < sum(seen) / len(seen) < 0.35  # 120 seeded Bernoulli(0.25) draws
+    first, seen[:] = list(seen), []
+    torch.manual_seed(0)
+    unet = tiny_unet("sd15")
+    unet.register_forward_pre_hook(record, with_kwargs=True)
+    replay = replace(config, output_dir=str(tmp_path / "again"))
+    run_training(unet, DDPMScheduler(num_train_timesteps=1000), make_examples(), replay, empty_prompt=empty)
+    assert seen == first  # the same seed drops the same examples
+
+
 def test_run_writes_delta_logs_and_samples(tmp_path: Path) -> None:
     rendered = []
 

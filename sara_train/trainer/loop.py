@@ -19,7 +19,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -39,7 +39,7 @@ from .config import LoopConfig
 from .interrupts import Interrupted, StopSignals
 from .logs import LossRow, read_loss_log, write_loss_log
 from .state_file import read_state_file, save_state_file
-from .types import TrainingExample
+from .types import PromptEmbedding, TrainingExample
 from .weighting import min_snr_weights
 
 RESUME_INDEPENDENT = {
@@ -217,6 +217,7 @@ def run_training(
     delta_metadata: dict[str, str] | None = None,
     convert_delta: Callable[[SparseDelta], SparseDelta] | None = None,
     data_fingerprint: str | None = None,
+    empty_prompt: PromptEmbedding | None = None,
 ) -> TrainResult:
     """Fine-tune ``unet`` in place with SaRA on ``examples``; write the run's files; return the result.
 
@@ -225,7 +226,8 @@ def run_training(
     and ``prediction_type`` are used). ``render_samples(step)`` makes validation images with the
     UNet as it is (rank 0 only). ``convert_delta`` renames delta keys before saving (e.g. to LDM
     names). ``data_fingerprint`` identifies the training data; it is saved with the state and a
-    resume with other data is refused.
+    resume with other data is refused. ``empty_prompt``: the empty caption, encoded; needed when
+    ``config.caption_dropout`` > 0 (dropped examples are trained with it).
 
     SIGINT/SIGTERM (see ``interrupts``) end the run at once: a step in progress is dropped and the
     last completed step is saved (delta, resume state, logs), unless nothing new was learned; a
@@ -237,6 +239,8 @@ def run_training(
     config.validate()
     if not examples:
         raise SaRAError("no training examples")
+    if config.caption_dropout and empty_prompt is None:
+        raise SaRAError("--caption-dropout needs the empty caption encoded (run_training's empty_prompt)")
     folder = RunFolder(Path(config.output_dir))
     check_run_folder(folder, config.resume)
     device = next(unet.parameters()).device
@@ -276,6 +280,7 @@ def run_training(
                 {"trainer": "sara-train", "config": json.dumps(config.to_dict()), **(delta_metadata or {})},
                 convert_delta,
                 data_fingerprint,
+                empty_prompt,
             )
             if config.resume:
                 run.resume()
@@ -300,10 +305,11 @@ class TrainingRun:
         metadata: dict[str, str],
         convert_delta: Callable[[SparseDelta], SparseDelta] | None,
         data_fingerprint: str | None,
+        empty_prompt: PromptEmbedding | None = None,
     ) -> None:
         self.unet, self.noise_scheduler, self.examples, self.config = unet, noise_scheduler, examples, config
         self.folder, self.optimizer, self.signals, self.metadata = folder, optimizer, signals, metadata
-        self.convert_delta, self.data_fingerprint = convert_delta, data_fingerprint
+        self.convert_delta, self.data_fingerprint, self.empty_prompt = convert_delta, data_fingerprint, empty_prompt
         self.distributed = Distributed()
         self.scaler = torch.amp.GradScaler("cuda") if config.mixed_precision == "fp16" else None
         self.noise_generator = torch.Generator().manual_seed(config.seed)
@@ -436,10 +442,13 @@ class TrainingRun:
         for micro in range(config.grad_accumulation):
             first = (step * config.grad_accumulation + micro) * global_batch
             indices = [example_order(first + i, len(self.examples), config.seed) for i in range(global_batch)]
+            batch = [self.examples[i] for i in indices]
+            if config.caption_dropout:
+                batch = drop_captions(batch, config.caption_dropout, self.empty_prompt, self.noise_generator)
             loss = micro_batch_loss(
                 self.unet,
                 self.noise_scheduler,
-                [self.examples[i] for i in indices],
+                batch,
                 self.noise_generator,
                 distributed,
                 config.batch_size,
@@ -492,6 +501,15 @@ class TrainingRun:
         self.doing = f"rendering the samples of step {done}"
         if render_samples and config.sample_every and done % config.sample_every == 0 and done < config.steps:
             save_samples(self.folder.samples_at(done), self.unet, render_samples, done)
+
+
+def drop_captions(
+    batch: Sequence[TrainingExample], rate: float, empty_prompt: PromptEmbedding, generator: torch.Generator
+) -> list[TrainingExample]:
+    """``batch`` with each example's prompt replaced by ``empty_prompt`` with probability ``rate``
+    (one uniform draw per example from ``generator``, for the whole global batch)."""
+    dropped = (torch.rand(len(batch), generator=generator) < rate).tolist()
+    return [replace(example, prompt=empty_prompt) if drop else example for example, drop in zip(batch, dropped)]
 
 
 def micro_batch_loss(

@@ -87,6 +87,10 @@ def train(config: TrainConfig) -> TrainResult:
             base = load_base(config.base, config_dir=config.base_config, dtype=torch.float32, device=device)
             doing = "encoding the training images"
             examples = encode_examples(config, items, image_hashes, base, device, distributed)
+            empty_prompt = None
+            if config.caption_dropout:
+                with torch.no_grad():
+                    empty_prompt = base.encode_prompts([""])[0]
             doing = "preparing the model"
             render = sample_renderer(base, config, device) if config.sample_prompts else None
             if render is None:
@@ -111,6 +115,7 @@ def train(config: TrainConfig) -> TrainResult:
             delta_metadata=metadata,
             convert_delta=key_converter(base, config),
             data_fingerprint=fingerprint,
+            empty_prompt=empty_prompt,
         )
 
 
