@@ -186,7 +186,7 @@ def interrupt_on_call(unet: torch.nn.Module, call: int) -> None:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """The reference run the interrupted-and-resumed runs must reproduce exactly."""
-    result, _ = train(make_config(tmp_path_factory.mktemp("uninterrupted"), progressive_fraction=0.5))
+    result, _ = train(make_config(tmp_path_factory.mktemp("uninterrupted"), progressive_fraction=0.5, ema_decay=0.9))
     return result
 
 
@@ -194,7 +194,7 @@ def uninterrupted(tmp_path_factory):
     "interrupt_call", [6, 9, 11]
 )  # 2 micro-batches per step: mid-step 3 (first micro-batch), after step 4, mid-step 6 (second)
 def test_ctrl_c_then_resume_is_bit_identical(tmp_path: Path, uninterrupted, interrupt_call: int) -> None:
-    config = make_config(tmp_path, progressive_fraction=0.5)
+    config = make_config(tmp_path, progressive_fraction=0.5, ema_decay=0.9)
     expected = uninterrupted
 
     torch.manual_seed(0)
@@ -215,6 +215,11 @@ def test_ctrl_c_then_resume_is_bit_identical(tmp_path: Path, uninterrupted, inte
     for name, layer in want.layers.items():
         assert torch.equal(got.layers[name].flat_indices, layer.flat_indices), name
         assert torch.equal(got.layers[name].values, layer.values), name
+    ema_path = expected.delta_path.with_name("sara_delta_ema.safetensors")
+    got_ema, want_ema = SparseDelta.load(Path(config.output_dir) / ema_path.name), SparseDelta.load(ema_path)
+    assert want_ema.metadata["ema_updates"] == "8"
+    for name, layer in want_ema.layers.items():
+        assert torch.equal(got_ema.layers[name].values, layer.values), name  # the EMA resumed exactly too
 
 
 def test_resume_without_state_is_explained(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ sparse.py     SparseUpdate: the sparse-trainable weight (parametrization + autog
 rank_loss.py  the nuclear-norm loss and its gradient at the trainable entries
 handle.py     inject() and SaRAHandle: parameters, rank loss, re-selection, delta, remove
 optim.py      SaRAAdamW, the one-line form (decay of ΔP toward the pretrained weights)
+ema.py        SparseEMA: a moving average of ΔP on the selected entries only
 delta.py      SparseDelta: the file format, stack, scale, summary
 apply.py      the one delta path: fit a delta to any target's names, check it, add it
 checkpoint.py the streaming merge into .safetensors checkpoints
@@ -18,6 +19,7 @@ from .apply import KeyNaming, Piece, RestorePoint, apply_delta, fit_delta, regis
 from .checkpoint import merge_checkpoint
 from .config import SaRAConfig
 from .delta import DTYPES, DeltaSummary, LayerDelta, SparseDelta
+from .ema import SparseEMA
 from .errors import DeltaFormatError, DeltaMismatchError, SaRAError
 from .handle import SaRAHandle, inject
 from .optim import SaRAAdamW
@@ -36,6 +38,7 @@ __all__ = [
     "SaRAError",
     "SaRAHandle",
     "SparseDelta",
+    "SparseEMA",
     "apply_delta",
     "fit_delta",
     "inject",

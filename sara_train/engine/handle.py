@@ -226,11 +226,22 @@ class SaRAHandle:
 
     # ----------------------------------------------------------------- results
     @torch.no_grad()
-    def delta(self, dtype: torch.dtype = torch.float32, metadata: dict[str, str] | None = None) -> SparseDelta:
-        """The learned update ΔP of every layer (trainable and frozen entries) as a ``SparseDelta``."""
+    def delta(
+        self,
+        dtype: torch.dtype = torch.float32,
+        metadata: dict[str, str] | None = None,
+        values: Mapping[str, torch.Tensor] | None = None,
+    ) -> SparseDelta:
+        """The learned update ΔP of every layer (trainable and frozen entries) as a ``SparseDelta``.
+        ``values`` (optional) replaces each layer's ΔP by a tensor of the same entries in the same
+        (sorted-index) order, e.g. a ``SparseEMA``'s averages."""
         layers = {}
         for name, update in self.layers.items():
             indices, deltas = update.sparse_delta()
+            if values is not None:
+                if values[name].shape != deltas.shape:
+                    raise SaRAError(f"layer {name!r}: {values[name].numel()} values for {deltas.numel()} entries")
+                deltas = values[name]
             layers[name] = LayerDelta(
                 update.shape,
                 indices.cpu(),

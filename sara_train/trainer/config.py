@@ -63,6 +63,11 @@ class LoopConfig:
         "Min-SNR-γ loss weighting (Hang et al. 2023): clip each timestep's SNR at this value; 5 is usual, 0 is off.",
         "optimisation",
     )
+    ema_decay: float = option(
+        0.0,
+        "Also keep a moving average of the learned update (e.g. 0.999), saved as sara_delta_ema; 0 is off.",
+        "optimisation",
+    )
     caption_dropout: float = option(
         0.0,
         "Fraction [0, 1) of examples trained with the empty caption instead of theirs (seeded per step).",
@@ -116,6 +121,8 @@ class LoopConfig:
                 raise SaRAError(f"--{flag(name)} must be >= 0, got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise SaRAError(f"--learning-rate must be > 0, got {self.learning_rate}")
+        if not 0 <= self.ema_decay < 1:
+            raise SaRAError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         if not 0 <= self.caption_dropout < 1:
             raise SaRAError(f"--caption-dropout must be in [0, 1), got {self.caption_dropout}")
         if not 0 <= self.progressive_fraction < 1:

@@ -15,6 +15,7 @@ values are the only trainable tensors and are all-reduced by hand, which survive
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..engine.config import SaRAConfig
 from ..engine.delta import DTYPES, SparseDelta
+from ..engine.ema import SparseEMA
 from ..engine.errors import SaRAError
 from ..engine.files import atomic_output, check_writable_folder, read_safetensors_header
 from ..engine.handle import SaRAHandle
@@ -102,6 +104,13 @@ class RunFolder:
 
     def delta_at(self, step: int) -> Path:
         return self.root / f"sara_delta_step{step:06d}.safetensors"
+
+    @property
+    def ema_delta(self) -> Path:
+        return self.root / "sara_delta_ema.safetensors"
+
+    def ema_delta_at(self, step: int) -> Path:
+        return self.root / f"sara_delta_ema_step{step:06d}.safetensors"
 
     @property
     def state(self) -> Path:
@@ -313,6 +322,7 @@ class TrainingRun:
         self.distributed = Distributed()
         self.scaler = torch.amp.GradScaler("cuda") if config.mixed_precision == "fp16" else None
         self.noise_generator = torch.Generator().manual_seed(config.seed)
+        self.ema = SparseEMA(optimizer.handle, config.ema_decay) if config.ema_decay else None
         self.losses: list[LossRow] = []
         self.start_step = 0
         self.saved_step: int | None = None
@@ -335,6 +345,7 @@ class TrainingRun:
             self.scaler,
             self.distributed,
             self.data_fingerprint,
+            self.ema,
         )
         self.saved_step = self.start_step
         saved = [self.folder.delta_at(self.start_step), self.folder.delta]
@@ -349,6 +360,12 @@ class TrainingRun:
             path = delta.save(
                 self.folder.delta if final else self.folder.delta_at(step), dtype=DTYPES[self.config.delta_dtype]
             )
+            if self.ema is not None:
+                ema_delta = self.ema.delta(metadata={**self.metadata, "steps": str(step)})
+                if self.convert_delta is not None:
+                    ema_delta = self.convert_delta(ema_delta)
+                ema_path = self.folder.ema_delta if final else self.folder.ema_delta_at(step)
+                ema_delta.save(ema_path, dtype=DTYPES[self.config.delta_dtype])
             save_state(
                 self.folder,
                 step,
@@ -358,6 +375,7 @@ class TrainingRun:
                 self.scaler,
                 self.distributed,
                 self.data_fingerprint,
+                self.ema,
             )
             write_logs(self.folder, self.losses)
         self.saved_step, self.saved_path = step, path
@@ -478,6 +496,8 @@ class TrainingRun:
             else:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.update()
             self.losses.append(
                 LossRow(
                     step + 1,
@@ -600,14 +620,16 @@ def save_state(
     scaler: torch.amp.GradScaler | None,
     distributed: Distributed,
     data_fingerprint: str | None,
+    ema: SparseEMA | None = None,
 ) -> None:
     """Write everything needed to continue after ``step`` to ``folder.state`` (atomically): the
-    optimizer's state (SaRA's selection, values and Adam moments), the noise generator and the
-    loss scaler, with the step, options and data fingerprint as metadata."""
+    optimizer's state (SaRA's selection, values and Adam moments), the noise generator, the loss
+    scaler and the EMA, with the step, options and data fingerprint as metadata."""
     state = {
         "optimizer": optimizer.state_dict(),
         "noise_generator": noise_generator.get_state(),
         "grad_scaler": scaler.state_dict() if scaler is not None else None,
+        "ema": ema.state_dict() if ema is not None else None,
     }
     metadata = {
         "step": str(step),
@@ -655,8 +677,9 @@ def resume_from(
     scaler: torch.amp.GradScaler | None,
     distributed: Distributed,
     data_fingerprint: str | None,
+    ema: SparseEMA | None = None,
 ) -> tuple[int, list[LossRow]]:
-    """Load ``folder.state`` into the optimizer and generator; returns ``(step, loss rows so far)``.
+    """Load ``folder.state`` into the optimizer, generator and EMA; returns ``(step, loss rows so far)``.
 
     Refused (``SaRAError``) when the options that change the math differ, the training data
     changed (``data_fingerprint``), the process count differs, or the files are damaged."""
@@ -664,6 +687,13 @@ def resume_from(
     saved = json.loads(metadata["config"])
     current = comparable_options(config.to_dict())
     saved = comparable_options(saved) if isinstance(saved, dict) else {}
+    # a run saved before an option existed ran with that option's default
+    defaults = {
+        field.name: field.default
+        for field in dataclasses.fields(config)
+        if field.name not in saved and field.default is not dataclasses.MISSING
+    }
+    saved = {**defaults, **saved}
     differing = sorted(
         name for name, value in current.items() if name not in RESUME_INDEPENDENT and saved.get(name) != value
     )
@@ -684,6 +714,8 @@ def resume_from(
     optimizer.load_state_dict(state["optimizer"])
     if scaler is not None and state["grad_scaler"] is not None:
         scaler.load_state_dict(state["grad_scaler"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
     losses = [row for row in read_loss_log(folder.loss_csv) if row.step <= step]
     if len(losses) != step:
         raise SaRAError(
