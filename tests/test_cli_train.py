@@ -15,7 +15,10 @@ from PIL import Image
 from tiny_sd import write_tiny_sd_pipeline
 from train_cli import REPO, assert_identical, read_delta, sara_train_cli, train_args, write_image_folder
 
-from sara_train.trainer.logs import read_loss_log
+from sara_train.trainer.logs import ValidationRow, read_loss_log, read_rows
+
+TRAINING_FEATURES = ("--validation-split", "0.25", "--validation-every", "4", "--ema-decay", "0.9")
+"""Options of the full run (and its interrupted twin) beyond the basics."""
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +38,7 @@ def trained(tiny_base: Path, image_folder: Path, tmp_path_factory) -> Path:
             "2",
             "--progressive-fraction",
             "0.5",
+            *TRAINING_FEATURES,
         )
     )
     assert result.returncode == 0, result.stderr
@@ -49,6 +53,12 @@ def test_train_writes_a_complete_run(trained: Path) -> None:
         for key in delta.layers
     ), "deltas use the original SD (ComfyUI) names"
     assert delta.metadata["base_kind"] == "sd1" and delta.metadata["steps"] == "6"
+    assert delta.metadata["images"] == "3" and delta.metadata["validation_images"] == "1"  # 1 of 4 held out
+    validation = read_rows(trained / "validation.csv", ValidationRow)
+    assert [row.step for row in validation] == [4, 6] and all(0 < row.loss < 10 for row in validation)
+    ema = read_delta(trained / "sara_delta_ema.safetensors")
+    assert ema.layers.keys() == delta.layers.keys() and ema.metadata["ema_updates"] == "6"
+    assert (trained / "sara_delta_ema_step000004.safetensors").exists()
     assert delta.layers[next(iter(delta.layers))].values.dtype == torch.float16
     assert [row.step for row in read_loss_log(trained / "loss.csv")] == [1, 2, 3, 4, 5, 6]
     assert (trained / "loss.png").stat().st_size > 1000
@@ -77,6 +87,7 @@ def test_resume_after_ctrl_c_is_bit_identical(
         "2",
         "--progressive-fraction",
         "0.5",
+        *TRAINING_FEATURES,
         "--cache-dir",
         str(trained.parent / "cache"),
     )
@@ -105,6 +116,9 @@ def test_resume_after_ctrl_c_is_bit_identical(
     assert read_loss_log(out / "loss.csv") and [r.loss for r in read_loss_log(out / "loss.csv")] == [
         r.loss for r in read_loss_log(trained / "loss.csv")
     ]
+    ema, reference_ema = out / "sara_delta_ema.safetensors", trained / "sara_delta_ema.safetensors"
+    assert_identical(read_delta(ema), read_delta(reference_ema))
+    assert read_rows(out / "validation.csv", ValidationRow) == read_rows(trained / "validation.csv", ValidationRow)
 
 
 def test_merge_into_the_single_file_it_was_trained_from(tiny_base: Path, image_folder: Path, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import pytest
 
 from sara_train.engine.errors import SaRAError
 from sara_train.trainer.config import TrainConfig, add_train_arguments, config_from_arguments
+from sara_train.trainer.train import held_out_positions
 
 
 def parse(*argv: str) -> TrainConfig:
@@ -58,6 +59,9 @@ def test_bad_toml_is_named(tmp_path: Path, text: str, message: str) -> None:
         ({"progressive_fraction": 1.0}, "progressive-fraction"),
         ({"steps": 0}, "--steps must be >= 1"),
         ({"snr_gamma": -1.0}, "--snr-gamma must be >= 0"),
+        ({"validation_split": 1.0}, "--validation-split must be in"),
+        ({"ema_decay": 1.0}, "--ema-decay must be in"),
+        ({"caption_dropout": -0.1}, "--caption-dropout must be in"),
     ],
 )
 def test_validation_names_the_option(changes: dict, message: str) -> None:
@@ -68,3 +72,12 @@ def test_validation_names_the_option(changes: dict, message: str) -> None:
 def test_missing_config_file() -> None:
     with pytest.raises(SaRAError, match="does not exist"):
         parse("--config", "/nonexistent/run.toml")
+
+
+def test_validation_images_are_a_seeded_split() -> None:
+    assert held_out_positions(10, 0.0, 0) == []
+    held = held_out_positions(10, 0.3, 4)
+    assert len(held) == 3 and held == sorted(set(held)) and all(0 <= i < 10 for i in held)
+    assert held_out_positions(10, 0.3, 4) == held and held_out_positions(10, 0.3, 5) != held
+    with pytest.raises(SaRAError, match="holds out 0: need at least one image to validate on"):
+        held_out_positions(4, 0.1, 0)

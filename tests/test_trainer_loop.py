@@ -12,9 +12,10 @@ from tiny_sd import TEXT_WIDTH, tiny_unet
 from sara_train import SparseDelta
 from sara_train.engine.errors import SaRAError
 from sara_train.trainer.config import LoopConfig
-from sara_train.trainer.logs import read_loss_log
+from sara_train.trainer.logs import ValidationRow, read_loss_log, read_rows
 from sara_train.trainer.loop import Distributed, learning_rate_at, micro_batch_loss, run_training
 from sara_train.trainer.types import PromptEmbedding, TrainingExample
+from sara_train.trainer.validation import validation_loss, validation_set
 from sara_train.trainer.weighting import min_snr_weights
 
 CPU = torch.device("cpu")
@@ -122,6 +123,35 @@ def test_caption_dropout_trains_the_seeded_share_with_the_empty_caption(tmp_path
     replay = replace(config, output_dir=str(tmp_path / "again"))
     run_training(unet, DDPMScheduler(num_train_timesteps=1000), make_examples(), replay, empty_prompt=empty)
     assert seen == first  # the same seed drops the same examples
+
+
+def test_validation_loss_is_the_fixed_draw_error_of_the_model_as_it_is(tmp_path: Path) -> None:
+    held_out = make_examples(8)[6:]
+    config = make_config(tmp_path, validation_every=3, steps=7)
+    torch.manual_seed(0)
+    unet = tiny_unet("sd15")
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    run_training(unet, scheduler, make_examples(), config, validation_examples=held_out)
+    rows = read_rows(Path(config.output_dir) / "validation.csv", ValidationRow)
+    assert [row.step for row in rows] == [3, 6, 7]  # every 3 steps and at the end
+    assert rows[0].loss != rows[-1].loss
+    # by hand, on the trained model: 4 evenly spread timesteps per example, noise from a generator seeded with the seed
+    generator = torch.Generator().manual_seed(config.seed)
+    errors = []
+    unet.eval()
+    with torch.no_grad():
+        for example in held_out:
+            for timestep in (125, 375, 625, 875):
+                noise = torch.randn((1, *example.latents.shape), generator=generator)
+                t = torch.tensor([timestep])
+                noisy = scheduler.add_noise(example.latents[None], noise, t)
+                prediction = unet(noisy, t, example.prompt.hidden_states[None]).sample
+                errors.append(float((prediction - noise).pow(2).mean()))
+    assert rows[-1].loss == pytest.approx(sum(errors) / len(errors), rel=1e-5)
+    vset = validation_set(held_out, 1000, config.seed)
+    assert validation_loss(unet, scheduler, vset, torch.float32, CPU) == validation_loss(
+        unet, scheduler, vset, torch.float32, CPU
+    )  # deterministic
 
 
 def test_run_writes_delta_logs_and_samples(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from ..demo.metrics import character_accuracy, glyph_distance, style_distance
 from ..demo.model import GlyphModel, generate, load_glyph_model
 from ..demo.run import FINETUNE_CHARACTERS, HELD_OUT_CHARACTERS
 from ..engine.errors import SaRAError
-from ..trainer.loop import training_target
+from ..trainer.objective import training_target
 from .features import frechet_distance, glyph_features
 from .methods import METHODS, make_trainable
 

@@ -107,6 +107,9 @@ class LoopConfig:
     sample_every: int = option(
         0, "Render the validation prompts every N steps (0: only at the end, if prompts are given).", "outputs"
     )
+    validation_every: int = option(
+        0, "Compute the validation loss every N steps (0: only at the end), when validation data is given.", "outputs"
+    )
     delta_dtype: str = option("fp16", "Dtype of the saved delta values: fp16, bf16 or fp32.", "outputs", tuple(DTYPES))
     resume: bool = option(False, "Continue the run in --output-dir from its last saved state.", "outputs")
 
@@ -116,7 +119,15 @@ class LoopConfig:
         for name in ("steps", "batch_size", "grad_accumulation", "log_every"):
             if getattr(self, name) < 1:
                 raise SaRAError(f"--{flag(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "save_every", "sample_every", "weight_decay", "rank_weight", "snr_gamma"):
+        for name in (
+            "warmup_steps",
+            "save_every",
+            "sample_every",
+            "validation_every",
+            "weight_decay",
+            "rank_weight",
+            "snr_gamma",
+        ):
             if getattr(self, name) < 0:
                 raise SaRAError(f"--{flag(name)} must be >= 0, got {getattr(self, name)}")
         if not self.learning_rate > 0:
@@ -181,6 +192,11 @@ class TrainConfig(LoopConfig):
     )
     caption_prefix: str = option("", "Prepended to every caption (a trigger word), joined with ', '.", "inputs")
     caption_extension: str = option(".txt", "Extension of caption files next to the images.", "inputs")
+    validation_split: float = option(
+        0.0,
+        "Fraction [0, 1) of the images held out (seeded) for the validation loss, logged to validation.csv.",
+        "inputs",
+    )
     # -- images
     resolution: int = option(512, "Square training resolution in pixels (a multiple of 8).", "images")
     crop: str = option(
@@ -226,6 +242,8 @@ class TrainConfig(LoopConfig):
                 raise SaRAError(f"--{flag(name)} must be >= 1, got {getattr(self, name)}")
         if self.resolution % 8:
             raise SaRAError(f"--resolution must be a multiple of 8, got {self.resolution}")
+        if not 0 <= self.validation_split < 1:
+            raise SaRAError(f"--validation-split must be in [0, 1), got {self.validation_split}")
         if not 0 <= self.sample_seed < 2**63:
             raise SaRAError(f"--sample-seed must be in [0, 2**63), got {self.sample_seed}")
         if self.caption_extension.strip(".") == "" or "/" in self.caption_extension:

@@ -39,9 +39,11 @@ from ..engine.optim import SaRAAdamW
 from ..plots.loss import plot_loss
 from .config import LoopConfig
 from .interrupts import Interrupted, StopSignals
-from .logs import LossRow, read_loss_log, write_loss_log
+from .logs import LossRow, ValidationRow, read_loss_log, read_rows, write_loss_log, write_rows
+from .objective import example_errors
 from .state_file import read_state_file, save_state_file
 from .types import PromptEmbedding, TrainingExample
+from .validation import validation_loss, validation_set
 from .weighting import min_snr_weights
 
 RESUME_INDEPENDENT = {
@@ -106,6 +108,10 @@ class RunFolder:
         return self.root / f"sara_delta_step{step:06d}.safetensors"
 
     @property
+    def validation_csv(self) -> Path:
+        return self.root / "validation.csv"
+
+    @property
     def ema_delta(self) -> Path:
         return self.root / "sara_delta_ema.safetensors"
 
@@ -145,20 +151,6 @@ def example_order(position: int, count: int, seed: int) -> int:
     epoch, offset = divmod(position, count)
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return int(torch.randperm(count, generator=generator)[offset])
-
-
-def training_target(
-    noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-) -> torch.Tensor:
-    """What the UNet should predict for ``prediction_type`` (epsilon, v_prediction or sample)."""
-    prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return noise_scheduler.get_velocity(latents, noise, timesteps)
-    if prediction_type == "sample":
-        return latents
-    raise SaRAError(f"unsupported scheduler prediction_type {prediction_type!r}")
 
 
 class Distributed:
@@ -227,6 +219,7 @@ def run_training(
     convert_delta: Callable[[SparseDelta], SparseDelta] | None = None,
     data_fingerprint: str | None = None,
     empty_prompt: PromptEmbedding | None = None,
+    validation_examples: Sequence[TrainingExample] = (),
 ) -> TrainResult:
     """Fine-tune ``unet`` in place with SaRA on ``examples``; write the run's files; return the result.
 
@@ -236,7 +229,9 @@ def run_training(
     UNet as it is (rank 0 only). ``convert_delta`` renames delta keys before saving (e.g. to LDM
     names). ``data_fingerprint`` identifies the training data; it is saved with the state and a
     resume with other data is refused. ``empty_prompt``: the empty caption, encoded; needed when
-    ``config.caption_dropout`` > 0 (dropped examples are trained with it).
+    ``config.caption_dropout`` > 0 (dropped examples are trained with it). ``validation_examples``:
+    held-out examples whose ``validation_loss`` is logged to ``validation.csv`` every
+    ``config.validation_every`` steps and at the end (main process).
 
     SIGINT/SIGTERM (see ``interrupts``) end the run at once: a step in progress is dropped and the
     last completed step is saved (delta, resume state, logs), unless nothing new was learned; a
@@ -290,6 +285,7 @@ def run_training(
                 convert_delta,
                 data_fingerprint,
                 empty_prompt,
+                validation_examples,
             )
             if config.resume:
                 run.resume()
@@ -315,6 +311,7 @@ class TrainingRun:
         convert_delta: Callable[[SparseDelta], SparseDelta] | None,
         data_fingerprint: str | None,
         empty_prompt: PromptEmbedding | None = None,
+        validation_examples: Sequence[TrainingExample] = (),
     ) -> None:
         self.unet, self.noise_scheduler, self.examples, self.config = unet, noise_scheduler, examples, config
         self.folder, self.optimizer, self.signals, self.metadata = folder, optimizer, signals, metadata
@@ -323,6 +320,12 @@ class TrainingRun:
         self.scaler = torch.amp.GradScaler("cuda") if config.mixed_precision == "fp16" else None
         self.noise_generator = torch.Generator().manual_seed(config.seed)
         self.ema = SparseEMA(optimizer.handle, config.ema_decay) if config.ema_decay else None
+        self.validation = (
+            validation_set(validation_examples, noise_scheduler.config.num_train_timesteps, config.seed)
+            if validation_examples
+            else None
+        )
+        self.validation_rows: list[ValidationRow] = []
         self.losses: list[LossRow] = []
         self.start_step = 0
         self.saved_step: int | None = None
@@ -348,6 +351,9 @@ class TrainingRun:
             self.ema,
         )
         self.saved_step = self.start_step
+        self.validation_rows = [
+            row for row in read_rows(self.folder.validation_csv, ValidationRow) if row.step <= self.start_step
+        ]
         saved = [self.folder.delta_at(self.start_step), self.folder.delta]
         self.saved_path = next((path for path in saved if path.exists()), None)
 
@@ -426,6 +432,10 @@ class TrainingRun:
                 progress.close()
                 path = self.folder.delta
                 if distributed.is_main:
+                    if self.validation is not None and not (
+                        self.validation_rows and self.validation_rows[-1].step == self.completed
+                    ):
+                        self.validate()
                     self.doing = "saving the final delta"
                     path = self.save(self.completed, final=True)
                     self.doing = "rendering the final samples"
@@ -509,6 +519,15 @@ class TrainingRun:
             )
         return float(mean_loss), learning_rate
 
+    def validate(self) -> None:
+        """Append the validation loss of the model as it is now and rewrite ``validation.csv``."""
+        self.doing = f"computing the validation loss of step {self.completed}"
+        device = next(self.unet.parameters()).device
+        loss = validation_loss(self.unet, self.noise_scheduler, self.validation, self.config.compute_dtype, device)
+        self.validation_rows.append(ValidationRow(self.completed, loss))
+        with self.signals.shielded():
+            write_rows(self.folder.validation_csv, self.validation_rows, ValidationRow)
+
     def after_step(self, render_samples: Callable[[int], list[Image.Image]] | None) -> None:
         """The main process's work after a step: the loss log, periodic saves and samples."""
         config, done = self.config, self.completed
@@ -519,6 +538,8 @@ class TrainingRun:
         if config.save_every and done % config.save_every == 0 and done < config.steps:
             self.save(done, final=False)
         self.doing = f"rendering the samples of step {done}"
+        if self.validation is not None and config.validation_every and done % config.validation_every == 0:
+            self.validate()
         if render_samples and config.sample_every and done % config.sample_every == 0 and done < config.steps:
             save_samples(self.folder.samples_at(done), self.unet, render_samples, done)
 
@@ -550,25 +571,10 @@ def micro_batch_loss(
     noise = torch.randn(latents.shape, generator=noise_generator)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(batch),), generator=noise_generator)
     mine = slice(distributed.rank * per_process, (distributed.rank + 1) * per_process)
-    latents, noise, timesteps = latents[mine].to(device), noise[mine].to(device), timesteps[mine].to(device)
-    batch = batch[mine]
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    target = training_target(noise_scheduler, latents, noise, timesteps)
-    hidden_states = torch.stack([example.prompt.hidden_states for example in batch]).to(device, compute_dtype)
-    added_conditions = None
-    if batch[0].prompt.pooled is not None:
-        added_conditions = {
-            "text_embeds": torch.stack([example.prompt.pooled for example in batch]).to(device, compute_dtype),
-            "time_ids": torch.stack([example.time_ids for example in batch]).to(device, compute_dtype),
-        }
-    with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
-        prediction = unet(
-            noisy.to(compute_dtype), timesteps, encoder_hidden_states=hidden_states, added_cond_kwargs=added_conditions
-        ).sample
-    per_example = nn.functional.mse_loss(prediction.float(), target.float(), reduction="none").flatten(1).mean(1)
+    errors = example_errors(unet, noise_scheduler, batch[mine], noise[mine], timesteps[mine], compute_dtype, device)
     if snr_gamma:
-        per_example = per_example * min_snr_weights(noise_scheduler, timesteps, snr_gamma)
-    return per_example.mean()
+        errors = errors * min_snr_weights(noise_scheduler, timesteps[mine].to(device), snr_gamma)
+    return errors.mean()
 
 
 def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:

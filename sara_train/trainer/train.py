@@ -81,12 +81,28 @@ def train(config: TrainConfig) -> TrainResult:
             )
             image_hashes = [file_sha256(item.image_path) for item in items]
             fingerprint = data_fingerprint(items, image_hashes)
+            held_out = held_out_positions(len(items), config.validation_split, config.seed)
             if config.resume and saved_data_fingerprint(folder) not in (None, fingerprint):
                 raise SaRAError(data_changed_message(folder, f"training data in {config.data}"))
             doing = "loading the base model"
             base = load_base(config.base, config_dir=config.base_config, dtype=torch.float32, device=device)
             doing = "encoding the training images"
-            examples = encode_examples(config, items, image_hashes, base, device, distributed)
+            kept = [i for i in range(len(items)) if i not in held_out]
+            examples = encode_examples(
+                config, [items[i] for i in kept], [image_hashes[i] for i in kept], base, device, distributed
+            )
+            validation_examples = (
+                encode_examples(
+                    config,
+                    [items[i] for i in held_out],
+                    [image_hashes[i] for i in held_out],
+                    base,
+                    device,
+                    distributed,
+                )
+                if held_out
+                else []
+            )
             empty_prompt = None
             if config.caption_dropout:
                 with torch.no_grad():
@@ -102,7 +118,8 @@ def train(config: TrainConfig) -> TrainResult:
         metadata = {
             "base": str(base.source),
             "base_kind": base.kind,
-            "images": str(len(items)),
+            "images": str(len(items) - len(held_out)),
+            "validation_images": str(len(held_out)),
             "examples": str(len(examples)),
             "key_format": config.key_format,
         }
@@ -116,7 +133,24 @@ def train(config: TrainConfig) -> TrainResult:
             convert_delta=key_converter(base, config),
             data_fingerprint=fingerprint,
             empty_prompt=empty_prompt,
+            validation_examples=validation_examples,
         )
+
+
+def held_out_positions(count: int, fraction: float, seed: int) -> list[int]:
+    """Sorted positions of the ``round(fraction * count)`` images held out for validation (a seeded
+    choice); none for ``fraction`` 0. ``SaRAError`` when that leaves no image to train on or
+    holds none out."""
+    if not fraction:
+        return []
+    held = round(fraction * count)
+    if not 1 <= held < count:
+        raise SaRAError(
+            f"--validation-split {fraction} of {count} images holds out {held}: need at least one image to "
+            f"validate on and one to train on"
+        )
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+    return sorted(int(i) for i in order[:held])
 
 
 def encode_examples(
