@@ -1,5 +1,6 @@
 """The trainer loop on a real tiny diffusers UNet: it learns, logs, saves, and resumes bit-exactly."""
 
+import struct
 from dataclasses import replace
 from pathlib import Path
 
@@ -152,6 +153,61 @@ def test_validation_loss_is_the_fixed_draw_error_of_the_model_as_it_is(tmp_path:
     assert validation_loss(unet, scheduler, vset, torch.float32, CPU) == validation_loss(
         unet, scheduler, vset, torch.float32, CPU
     )  # deterministic
+
+
+def test_tensorboard_holds_the_logged_scalars_and_samples(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = make_config(tmp_path, steps=4, log_with="tensorboard", validation_every=2, sample_every=2)
+    torch.manual_seed(0)
+    render = lambda step: [Image.new("RGB", (8, 8), "red")]
+    result = run_training(
+        tiny_unet("sd15"),
+        DDPMScheduler(num_train_timesteps=1000),
+        make_examples(),
+        config,
+        render_samples=render,
+        validation_examples=make_examples(7)[6:],
+    )
+    events = EventAccumulator(str(Path(config.output_dir) / "tensorboard"), size_guidance={"images": 0}).Reload()
+    logged = lambda tag: [(event.step, event.value) for event in events.Scalars(tag)]
+    assert logged("loss") == [(row.step, pytest.approx(row.loss)) for row in result.losses]
+    assert logged("learning_rate") == [(row.step, pytest.approx(row.learning_rate)) for row in result.losses]
+    assert [step for step, _ in logged("rank_loss")] == [1, 2, 3, 4]
+    validation = read_rows(Path(config.output_dir) / "validation.csv", ValidationRow)
+    assert logged("validation_loss") == [(row.step, pytest.approx(row.loss)) for row in validation]
+    assert [(image.step, image.width) for image in events.Images("samples")] == [(2, 8), (4, 8)]
+
+
+def wandb_history(run_file: Path) -> list[dict[str, str]]:
+    """The history rows of an offline W&B run file: LevelDB-style log blocks of protobuf records."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, position, block, pending, rows = run_file.read_bytes(), 7, 32768, b"", []
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's tail too short for a header is padding
+            position += block - position % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        chunk, position = data[position + 7 : position + 7 + length], position + 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): item.value_json for item in record.history.item})
+    return rows
+
+
+def test_wandb_offline_run_holds_the_logged_scalars(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = make_config(tmp_path, steps=3, log_with="wandb")
+    result, _ = train(config)
+    (run_file,) = (Path(config.output_dir) / "wandb").glob("offline-run-*/run-*.wandb")
+    history = wandb_history(run_file)
+    assert [int(row["_step"]) for row in history] == [1, 2, 3]
+    assert [float(row["loss"]) for row in history] == pytest.approx([row.loss for row in result.losses])
 
 
 def test_run_writes_delta_logs_and_samples(tmp_path: Path) -> None:

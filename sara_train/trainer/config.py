@@ -23,6 +23,7 @@ import torch
 
 from ..engine.delta import DTYPES
 from ..engine.errors import SaRAError
+from .tracking import TRACKERS
 
 GROUPS = ("inputs", "images", "optimisation", "sara", "outputs")
 """The ``--help`` sections, in order."""
@@ -109,6 +110,13 @@ class LoopConfig:
     )
     validation_every: int = option(
         0, "Compute the validation loss every N steps (0: only at the end), when validation data is given.", "outputs"
+    )
+    log_with: str = option(
+        "none",
+        "Also log loss, learning rate, rank and validation loss and samples to tensorboard (output-dir/tensorboard) "
+        "or wandb.",
+        "outputs",
+        TRACKERS,
     )
     delta_dtype: str = option("fp16", "Dtype of the saved delta values: fp16, bf16 or fp32.", "outputs", tuple(DTYPES))
     resume: bool = option(False, "Continue the run in --output-dir from its last saved state.", "outputs")

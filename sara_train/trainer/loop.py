@@ -42,12 +42,14 @@ from .interrupts import Interrupted, StopSignals
 from .logs import LossRow, ValidationRow, read_loss_log, read_rows, write_loss_log, write_rows
 from .objective import example_errors
 from .state_file import read_state_file, save_state_file
+from .tracking import Tracker, open_tracker
 from .types import PromptEmbedding, TrainingExample
 from .validation import validation_loss, validation_set
 from .weighting import min_snr_weights
 
 RESUME_INDEPENDENT = {
     "output_dir",
+    "log_with",
     "resume",
     "save_every",
     "log_every",
@@ -326,6 +328,8 @@ class TrainingRun:
             else None
         )
         self.validation_rows: list[ValidationRow] = []
+        self.tracker: Tracker | None = None
+        """Where the main process also logs (``config.log_with``), open while ``train`` runs."""
         self.losses: list[LossRow] = []
         self.start_step = 0
         self.saved_step: int | None = None
@@ -413,6 +417,8 @@ class TrainingRun:
         self.doing = "training"
         # Several processes stop together: a signal is only recorded, and all agree on it once per step.
         agreement = self.signals.held() if distributed.active else contextlib.nullcontext()
+        if distributed.is_main:
+            self.tracker = open_tracker(config.log_with, self.folder.root, config.to_dict(), self.start_step)
         try:
             with agreement:
                 for step in range(self.start_step, config.steps):
@@ -440,7 +446,7 @@ class TrainingRun:
                     path = self.save(self.completed, final=True)
                     self.doing = "rendering the final samples"
                     if render_samples:
-                        save_samples(self.folder.samples_at(self.completed), self.unet, render_samples, self.completed)
+                        self.save_samples(render_samples)
                 distributed.barrier()
             return TrainResult(path, self.losses, self.handle, stopped_early=stopped_early)
         except KeyboardInterrupt as stop:  # Interrupted, or a plain KeyboardInterrupt (e.g. raised by a notebook)
@@ -455,6 +461,9 @@ class TrainingRun:
             return TrainResult(
                 self.saved_path, self.losses, self.handle, interruption=Interrupted.of(stop), stopped_while=self.doing
             )
+        finally:
+            if self.tracker is not None:
+                self.tracker.close()
 
     def step(self, step: int, started: float, compute_dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
         """Optimizer step ``step`` (0-based): micro-batches, gradient all-reduce, the update (which
@@ -517,7 +526,19 @@ class TrainingRun:
                     round(time.monotonic() - started, 3),
                 )
             )
+        if self.tracker is not None:
+            row = self.losses[-1]
+            self.tracker.log_scalars(
+                row.step, {"loss": row.loss, "rank_loss": row.rank_loss, "learning_rate": row.learning_rate}
+            )
         return float(mean_loss), learning_rate
+
+    def save_samples(self, render_samples: Callable[[int], list[Image.Image]]) -> None:
+        """Render the validation prompts now; save (and track) the images side by side."""
+        done = self.completed
+        grid = save_samples(self.folder.samples_at(done), self.unet, render_samples, done)
+        if self.tracker is not None:
+            self.tracker.log_image(done, "samples", grid)
 
     def validate(self) -> None:
         """Append the validation loss of the model as it is now and rewrite ``validation.csv``."""
@@ -525,6 +546,8 @@ class TrainingRun:
         device = next(self.unet.parameters()).device
         loss = validation_loss(self.unet, self.noise_scheduler, self.validation, self.config.compute_dtype, device)
         self.validation_rows.append(ValidationRow(self.completed, loss))
+        if self.tracker is not None:
+            self.tracker.log_scalars(self.completed, {"validation_loss": loss})
         with self.signals.shielded():
             write_rows(self.folder.validation_csv, self.validation_rows, ValidationRow)
 
@@ -541,7 +564,7 @@ class TrainingRun:
         if self.validation is not None and config.validation_every and done % config.validation_every == 0:
             self.validate()
         if render_samples and config.sample_every and done % config.sample_every == 0 and done < config.steps:
-            save_samples(self.folder.samples_at(done), self.unet, render_samples, done)
+            self.save_samples(render_samples)
 
 
 def drop_captions(
@@ -587,8 +610,11 @@ def write_logs(folder: RunFolder, losses: list[LossRow]) -> None:
         plot_loss(folder.loss_png, [row.step for row in losses], [row.loss for row in losses])
 
 
-def save_samples(path: Path, unet: nn.Module, render_samples: Callable[[int], list[Image.Image]], step: int) -> None:
-    """Render the validation images with the UNet in eval mode and save them side by side."""
+def save_samples(
+    path: Path, unet: nn.Module, render_samples: Callable[[int], list[Image.Image]], step: int
+) -> Image.Image:
+    """Render the validation images with the UNet in eval mode and save them side by side; returns
+    that image."""
     unet.eval()
     try:
         with torch.no_grad():
@@ -603,6 +629,7 @@ def save_samples(path: Path, unet: nn.Module, render_samples: Callable[[int], li
         x += image.width
     with atomic_output(path) as temp:
         grid.save(temp, format="PNG")
+    return grid
 
 
 PATH_OPTIONS = ("base", "data", "base_config", "output_dir", "cache_dir")
