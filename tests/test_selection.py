@@ -92,7 +92,7 @@ def test_random_selection_is_seeded_uniform_and_exact() -> None:
     assert sum(i.numel() for i in first.values()) == 530
     assert all(torch.equal(first[n], again[n]) for n in first)
     assert not all(torch.equal(first[n], other[n]) for n in first)
-    assert 500 * 0.05 < first["a"].numel() < 500 * 0.2 * 10  # spread over both weights, not packed in one
+    assert 450 < first["a"].numel() < 550  # spread in proportion: "a" holds 5000 of the 5300 entries
     assert first["b"].numel() > 0
 
 

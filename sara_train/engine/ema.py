@@ -33,11 +33,18 @@ class SparseEMA:
             for name, update in handle.layers.items()
         }
         """Per layer, float32 [selected entries] in the order of ``handle.delta()``'s indices (sorted)."""
+        self._orders: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        """Per layer: (trainable indices, frozen indices, the permutation sorting their concatenation);
+        recomputed only when the progressive step or a resume replaces those index tensors."""
 
     @torch.no_grad()
     def update(self) -> None:
         for name, update in self.handle.layers.items():
-            _, deltas = update.sparse_delta()
+            cached = self._orders.get(name)
+            if cached is None or cached[0] is not update.flat_indices or cached[1] is not update.frozen_indices:
+                order = torch.cat([update.flat_indices, update.frozen_indices]).argsort()
+                cached = self._orders[name] = (update.flat_indices, update.frozen_indices, order)
+            deltas = torch.cat([update.delta_values(), update.frozen_values - update.frozen_base.float()])[cached[2]]
             self.averages[name].mul_(self.decay).add_(deltas.to(self.averages[name].device), alpha=1 - self.decay)
         self.updates += 1
 
