@@ -17,6 +17,7 @@ import comfy.utils
 from comfy.ldm.flux.model import Flux
 from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+from tiny_dit import original_state  # the original-naming state dict, built through the naming table
 
 import sara_train
 from sara_train.families import flux, sd3
@@ -27,19 +28,6 @@ def randomise(module, seed):
     with torch.no_grad():
         for tensor in module.state_dict().values():
             tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
-
-
-def converted(naming, diffusers_state):
-    # the original-naming state dict built from the diffusers tensors through the naming table
-    shapes = {key: tuple(value.shape) for key, value in diffusers_state.items()}
-    original = naming.original_shapes(shapes)
-    state = {key: torch.empty(shape) for key, shape in original.items()}
-    for key, pieces in naming.table(original).items():
-        for piece in pieces:
-            state[key][piece.start : piece.stop] = diffusers_state[piece.key][
-                piece.target_row : piece.target_row + piece.stop - piece.start
-            ]
-    return state
 
 
 def trained_delta(module, seed):
@@ -55,7 +43,7 @@ def trained_delta(module, seed):
 
 def check(name, naming, diffusers_model, comfy_model, keymap, run_diffusers, run_comfy):
     randomise(diffusers_model, 1)
-    state = converted(naming, diffusers_model.state_dict())
+    state = original_state(naming, diffusers_model.state_dict())
     comfy_model.load_state_dict(state, strict=True)
     ours = {}
     for key, pieces in naming.table({k: tuple(v.shape) for k, v in state.items()}).items():

@@ -48,7 +48,7 @@ def test_kind_scheduler_and_components(bases, folders):
         assert isinstance(base.noise_scheduler, DDPMScheduler)
         assert base.noise_scheduler.config.prediction_type == prediction
         assert len(base.text_encoders) == len(base.tokenizers) == (2 if kind == "sdxl" else 1)
-        assert base.unet is base.pipeline().unet and base.unet_config["in_channels"] == 4
+        assert base.unet is base.denoiser is base.pipeline().unet and base.unet.config["in_channels"] == 4
 
 
 def test_sd1_and_sd2_prompts_are_the_text_encoders_last_states(bases):

@@ -15,6 +15,7 @@ from sara_train.engine.errors import SaRAError
 from sara_train.trainer.config import LoopConfig
 from sara_train.trainer.logs import ValidationRow, read_loss_log, read_rows
 from sara_train.trainer.loop import Distributed, learning_rate_at, micro_batch_loss, run_training
+from sara_train.trainer.objective import DenoisingObjective
 from sara_train.trainer.types import PromptEmbedding, TrainingExample
 from sara_train.trainer.validation import validation_loss, validation_set
 from sara_train.trainer.weighting import min_snr_weights
@@ -81,7 +82,9 @@ def test_snr_gamma_weights_each_examples_error() -> None:
         generator = torch.Generator().manual_seed(1)
         with torch.no_grad():
             return float(
-                micro_batch_loss(unet, scheduler, batch, generator, Distributed(), 4, torch.float32, CPU, gamma)
+                micro_batch_loss(
+                    unet, DenoisingObjective(scheduler, gamma), batch, generator, Distributed(), 4, torch.float32, CPU
+                )
             )
 
     generator = torch.Generator().manual_seed(1)  # the same draws, by hand
@@ -149,9 +152,10 @@ def test_validation_loss_is_the_fixed_draw_error_of_the_model_as_it_is(tmp_path:
                 prediction = unet(noisy, t, example.prompt.hidden_states[None]).sample
                 errors.append(float((prediction - noise).pow(2).mean()))
     assert rows[-1].loss == pytest.approx(sum(errors) / len(errors), rel=1e-5)
-    vset = validation_set(held_out, 1000, config.seed)
-    assert validation_loss(unet, scheduler, vset, torch.float32, CPU) == validation_loss(
-        unet, scheduler, vset, torch.float32, CPU
+    objective = DenoisingObjective(scheduler)
+    vset = validation_set(held_out, objective, config.seed)
+    assert validation_loss(unet, objective, vset, torch.float32, CPU) == validation_loss(
+        unet, objective, vset, torch.float32, CPU
     )  # deterministic
 
 

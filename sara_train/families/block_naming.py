@@ -23,6 +23,8 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
+import torch
+
 from ..engine.apply import Piece, Placement, Shapes
 from ..engine.errors import DeltaMismatchError
 
@@ -170,6 +172,18 @@ class BlockNaming:
                 start += size
             table[key] = tuple(pieces)
         return table
+
+    def to_diffusers(self, original: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A model's tensors in the original naming (bare keys, all of them) as the diffusers model's:
+        fused tensors split, swapped halves put back. Tensors the rules do not know are left out."""
+        chunks: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        for key, pieces in self.table({key: tuple(tensor.shape) for key, tensor in original.items()}).items():
+            for piece in pieces:
+                chunks.setdefault(piece.key, []).append((piece.target_row, original[key][piece.start : piece.stop]))
+        return {
+            key: torch.cat([rows for _, rows in sorted(parts, key=lambda part: part[0])])
+            for key, parts in chunks.items()
+        }
 
     def original_shapes(self, diffusers: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         """The original-naming shapes of a model given in diffusers naming (bare keys, all of them)."""

@@ -1,8 +1,9 @@
 """Loading the base model to fine-tune: a diffusers folder or a single-file ``.safetensors``.
 
-``load_base(path)`` gives a ``BaseModel``: the diffusers pipeline's components, the DDPM noise
-scheduler training uses, and the two encoders the latent cache needs (``encode_prompts``,
-``encode_images``). Offline only: configs come from the folder itself, from ``config_dir``, or from
+``load_base(path)`` gives a ``BaseModel``: the diffusers pipeline's components, the denoiser to
+train (a Stable Diffusion 1.x/2.x/XL UNet, an SD3/3.5 or Flux.1 transformer), its training
+``objective``, and the two encoders the latent cache needs (``encode_prompts``, ``encode_images``).
+Offline only: configs come from the folder itself, from ``config_dir``, or from
 the local Hugging Face cache; nothing is downloaded and nothing is unpickled.
 """
 
@@ -16,18 +17,33 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from diffusers import DDPMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    DDPMScheduler,
+    DiffusionPipeline,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 from diffusers.loaders.single_file_utils import SingleFileComponentError
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
 from ..engine.errors import SaRAError
 from ..engine.files import SafetensorsHeader, read_safetensors_header
+from ..families import flux, sd3
+from .objective import DenoisingObjective, FlowMatchingObjective, Objective
 from .types import PromptEmbedding
 
-BaseKind = Literal["sd1", "sd2", "sdxl"]
+BaseKind = Literal["sd1", "sd2", "sdxl", "sd3", "flux"]
+FLOW_KINDS = ("sd3", "flux")
+"""The families trained with flow matching (a transformer, not a UNet)."""
 PIPELINE_CLASSES: dict[str, type[DiffusionPipeline]] = {
     "StableDiffusionPipeline": StableDiffusionPipeline,
     "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
+    "StableDiffusion3Pipeline": StableDiffusion3Pipeline,
+    "FluxPipeline": FluxPipeline,
 }
 """The pipelines sara-train fine-tunes, by the ``_class_name`` of their model_index.json."""
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
@@ -42,24 +58,40 @@ file without, e.g., its text encoder raises ``SingleFileComponentError``)."""
 
 @dataclass
 class BaseModel:
-    """A Stable Diffusion base model, loaded.
+    """A base model, loaded: Stable Diffusion 1.x/2.x/XL (``kind`` sd1/sd2/sdxl), SD3/3.5 (sd3) or
+    Flux.1 (flux).
 
-    ``unet``, ``vae``, ``text_encoders`` and ``tokenizers`` are the components of
-    ``diffusers_pipeline`` (the same objects; SDXL has two text encoders and tokenizers).
-    ``noise_scheduler``: a ``DDPMScheduler`` with the pipeline's scheduler config (betas,
-    ``prediction_type``), for adding training noise. ``fingerprint``: 16 hex digits identifying
-    what turns images and captions into training examples (VAE, text encoders, tokenizers,
-    their dtype); equal for the same model loaded from a folder or a single file.
+    ``denoiser`` (the UNet or transformer), ``vae``, ``text_encoders`` and ``tokenizers`` are the
+    components of ``diffusers_pipeline`` (the same objects; SDXL and Flux have two text encoders,
+    SD3 three, the last one T5). ``noise_scheduler``: for UNets a ``DDPMScheduler`` with the
+    pipeline's scheduler config (betas, ``prediction_type``), for adding training noise; None for
+    the flow families. ``text_tokens``: the T5 sequence length prompts are encoded to (flow
+    families; None: the pipeline's default). ``fingerprint``: 16 hex digits identifying what turns
+    images and captions into training examples (VAE, text encoders, tokenizers, their dtype, the
+    T5 length); equal for the same model loaded from a folder or a single file.
     """
 
     kind: BaseKind
     diffusers_pipeline: DiffusionPipeline
-    noise_scheduler: DDPMScheduler
+    noise_scheduler: DDPMScheduler | None
     source: Path
     fingerprint: str
+    text_tokens: int | None = None
+
+    @property
+    def is_flow(self) -> bool:
+        return self.kind in FLOW_KINDS
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The model SaRA trains: the pipeline's ``transformer`` (flow families) or ``unet``."""
+        return self.diffusers_pipeline.transformer if self.is_flow else self.diffusers_pipeline.unet
 
     @property
     def unet(self) -> torch.nn.Module:
+        """The Stable Diffusion UNet; ``SaRAError`` for the transformer families."""
+        if self.is_flow:
+            raise SaRAError(f"{self.source} is a {self.kind} model: it has a transformer, not a UNet")
         return self.diffusers_pipeline.unet
 
     @property
@@ -74,10 +106,47 @@ class BaseModel:
     def tokenizers(self) -> list[Any]:
         return _text_components(self.diffusers_pipeline, "tokenizer")
 
-    @property
-    def unet_config(self) -> dict[str, Any]:
-        """The UNet's diffusers config: what ``sara_train.ldm_keys`` needs to rename its keys."""
-        return dict(self.unet.config)
+    def objective(
+        self,
+        snr_gamma: float = 0.0,
+        sampling: str = "uniform",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        mode_scale: float = 1.29,
+        shift: float | None = None,
+        guidance: float = 1.0,
+    ) -> Objective:
+        """The training objective of this family: ``DenoisingObjective`` (min-SNR-``snr_gamma``)
+        for UNets, ``FlowMatchingObjective`` with the pipeline's scheduler config and the given
+        timestep ``sampling``, ``shift`` and Flux ``guidance`` for the flow families. ``SaRAError``
+        for options that do not apply to the family."""
+        if not self.is_flow:
+            changed = {
+                "--timestep-sampling": sampling != "uniform",
+                "--flow-shift": shift is not None,
+                "--guidance": guidance != 1.0,
+            }
+            if any(changed.values()):
+                names = ", ".join(name for name, given in changed.items() if given)
+                raise SaRAError(f"{names}: for flow-matching bases (SD3, Flux); {self.source} is {self.kind}")
+            return DenoisingObjective(self.noise_scheduler, snr_gamma)
+        if snr_gamma:
+            raise SaRAError(
+                f"--snr-gamma weights ε/v-prediction losses; {self.source} is a flow-matching {self.kind} "
+                f"model: choose its timesteps with --timestep-sampling"
+            )
+        if guidance != 1.0 and not (self.kind == "flux" and self.denoiser.config.guidance_embeds):
+            raise SaRAError(f"--guidance: {self.source} has no guidance input (only Flux.1-dev-like models do)")
+        return FlowMatchingObjective(
+            self.kind,
+            dict(self.diffusers_pipeline.scheduler.config),
+            sampling,
+            logit_mean,
+            logit_std,
+            mode_scale,
+            shift,
+            guidance,
+        )
 
     def pipeline(self) -> DiffusionPipeline:
         """The diffusers pipeline of these components, with its own sampling scheduler, for
@@ -86,21 +155,31 @@ class BaseModel:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> list[PromptEmbedding]:
-        """One ``PromptEmbedding`` per prompt, exactly as the pipeline conditions its UNet.
+        """One ``PromptEmbedding`` per prompt, exactly as the pipeline conditions its denoiser.
 
         Calls the pipeline's own ``encode_prompt`` (no classifier-free guidance, no clip skip):
         SD1.x the text encoder's last hidden state; SD2.x likewise, which is the original model's
         penultimate layer because diffusers' SD2 text encoder already omits the last one; SDXL
         both encoders' penultimate states concatenated (``hidden_states`` [L, D1 + D2]) and
-        encoder 2's pooled projection (``pooled`` [P]). Tensors are on the text encoders' device
-        in their dtype, [L, D] with L the tokenizer's ``model_max_length``.
+        encoder 2's pooled projection (``pooled`` [P]); SD3 the two CLIP encoders' states padded to
+        T5's width followed by T5's ([L_clip + L_t5, D_t5]) and both pooled projections; Flux T5's
+        states ([L_t5, D_t5]) and CLIP's pooled output. Tensors are on the text encoders' device in
+        their dtype; L_clip is the CLIP tokenizer's ``model_max_length``, L_t5 ``text_tokens``.
         """
         pipe = self.diffusers_pipeline
         device = self.text_encoders[0].device
         embeddings: list[PromptEmbedding] = []
         for start in range(0, len(prompts), PROMPT_BATCH):
             batch = list(prompts[start : start + PROMPT_BATCH])
-            if self.kind == "sdxl":
+            if self.kind == "sd3":
+                states, _, pooled, _ = pipe.encode_prompt(
+                    batch, None, None, device=device, do_classifier_free_guidance=False, **self._t5_length()
+                )
+                embeddings += [PromptEmbedding(s, p) for s, p in zip(states, pooled)]
+            elif self.kind == "flux":
+                states, pooled, _ = pipe.encode_prompt(batch, None, device=device, **self._t5_length())
+                embeddings += [PromptEmbedding(s, p) for s, p in zip(states, pooled)]
+            elif self.kind == "sdxl":
                 states, _, pooled, _ = pipe.encode_prompt(
                     batch, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
                 )
@@ -109,6 +188,9 @@ class BaseModel:
                 states, _ = pipe.encode_prompt(batch, device, 1, False)
                 embeddings += [PromptEmbedding(s) for s in states]
         return embeddings
+
+    def _t5_length(self) -> dict[str, int]:
+        return {} if self.text_tokens is None else {"max_sequence_length": self.text_tokens}
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -142,13 +224,18 @@ def load_base(
     config_dir: str | os.PathLike | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    text_tokens: int | None = None,
 ) -> BaseModel:
-    """Load a Stable Diffusion 1.x / 2.x / XL base model, offline.
+    """Load a Stable Diffusion 1.x / 2.x / XL, SD3/3.5 or Flux.1 base model, offline.
 
     ``path``: a diffusers folder (with model_index.json) or a single-file ``.safetensors``
     checkpoint in the original layout. A single file needs its diffusers configs: from
-    ``config_dir`` (a local diffusers folder of the same architecture; its weights are not used),
-    else from the local Hugging Face cache. Every weight is loaded as ``dtype`` onto ``device``.
+    ``config_dir`` (a local diffusers folder of the same architecture), else from the local
+    Hugging Face cache. For SD1/SD2/SDXL the file holds the whole model and the folder's weights
+    are not used; for SD3 and Flux the file's transformer is used (a transformer-only file, as
+    Flux is released, or a full checkpoint) and the VAE and text encoders come from the folder.
+    Every weight is loaded as ``dtype`` onto ``device``. ``text_tokens``: the T5 sequence length
+    of SD3/Flux prompts (None: the pipeline's default, 256 for SD3 and 512 for Flux).
     Raises ``SaRAError`` naming the path and the cause: missing path, folder without
     model_index.json, pickle-based files (.ckpt/.pt/.bin; never unpickled), corrupt files, an
     unsupported pipeline, or no config for a single file.
@@ -166,26 +253,32 @@ def load_base(
     return BaseModel(
         kind=kind,
         diffusers_pipeline=pipe,
-        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        noise_scheduler=None if kind in FLOW_KINDS else DDPMScheduler.from_config(pipe.scheduler.config),
         source=source,
-        fingerprint=encoder_fingerprint(pipe, kind),
+        fingerprint=encoder_fingerprint(pipe, kind, text_tokens if kind in FLOW_KINDS else None),
+        text_tokens=text_tokens if kind in FLOW_KINDS else None,
     )
 
 
 def detect_kind(pipe: DiffusionPipeline) -> BaseKind:
-    """ "sdxl" with two text encoders or SDXL's ``text_time`` conditioning; else "sd2" when the
-    UNet's transformers project linearly (SD2.x does; SD1.x uses 1x1 convolutions); else "sd1"."""
+    """ "sd3" or "flux" by pipeline; for UNets "sdxl" with two text encoders or SDXL's ``text_time``
+    conditioning; else "sd2" when the UNet's transformers project linearly (SD2.x does; SD1.x uses
+    1x1 convolutions); else "sd1"."""
+    if isinstance(pipe, StableDiffusion3Pipeline):
+        return "sd3"
+    if isinstance(pipe, FluxPipeline):
+        return "flux"
     config = pipe.unet.config
     if len(_text_components(pipe, "text_encoder")) == 2 or config.get("addition_embed_type") == "text_time":
         return "sdxl"
     return "sd2" if config.get("use_linear_projection") else "sd1"
 
 
-def encoder_fingerprint(pipe: DiffusionPipeline, kind: str) -> str:
+def encoder_fingerprint(pipe: DiffusionPipeline, kind: str, text_tokens: int | None = None) -> str:
     """16 hex digits over the VAE and text encoders (every tensor's name, shape, dtype and
-    ``FINGERPRINT_SAMPLES`` evenly spaced values), the VAE's latent scaling and the tokenizers'
-    vocabularies: what the cached latents and embeddings depend on."""
-    digest = hashlib.sha256(kind.encode())
+    ``FINGERPRINT_SAMPLES`` evenly spaced values), the VAE's latent scaling, the tokenizers'
+    vocabularies and the T5 length: what the cached latents and embeddings depend on."""
+    digest = hashlib.sha256(f"{kind}:{text_tokens}".encode() if text_tokens is not None else kind.encode())
     vae_config = pipe.vae.config
     digest.update(f"{vae_config.scaling_factor}:{vae_config.get('shift_factor')}".encode())
     modules = [("vae", pipe.vae)] + [
@@ -205,7 +298,8 @@ def encoder_fingerprint(pipe: DiffusionPipeline, kind: str) -> str:
 
 
 def _text_components(pipe: DiffusionPipeline, name: str) -> list[Any]:
-    return [c for c in (getattr(pipe, name, None), getattr(pipe, name + "_2", None)) if c is not None]
+    found = (getattr(pipe, name + suffix, None) for suffix in ("", "_2", "_3"))
+    return [component for component in found if component is not None]
 
 
 def _pipeline_class(folder: Path) -> type[DiffusionPipeline]:
@@ -218,8 +312,8 @@ def _pipeline_class(folder: Path) -> type[DiffusionPipeline]:
         raise SaRAError(f"{index_path}: not a valid model_index.json ({exc})") from None
     if class_name not in PIPELINE_CLASSES:
         raise SaRAError(
-            f"{folder} holds a {class_name}; sara-train fine-tunes Stable Diffusion 1.x/2.x/XL "
-            f"({' or '.join(PIPELINE_CLASSES)})"
+            f"{folder} holds a {class_name}; sara-train fine-tunes Stable Diffusion 1.x/2.x/XL, SD3/3.5 "
+            f"and Flux.1 ({', '.join(PIPELINE_CLASSES)})"
         )
     return PIPELINE_CLASSES[class_name]
 
@@ -256,6 +350,8 @@ def _load_single_file(path: Path, config_dir: Path | None, dtype: torch.dtype) -
     if not config_folder.is_dir():
         raise SaRAError(f"--base-config {config_folder}: no such folder")
     pipeline_class = _pipeline_class(config_folder)
+    if pipeline_class in (StableDiffusion3Pipeline, FluxPipeline):
+        return _load_transformer_file(path, config_folder, pipeline_class, dtype)
     try:
         return pipeline_class.from_single_file(
             str(path),
@@ -270,6 +366,46 @@ def _load_single_file(path: Path, config_dir: Path | None, dtype: torch.dtype) -
             f"cannot load {path} as a {pipeline_class.__name__} with the configs of {config_folder} "
             f"({cause}); is that folder the checkpoint's architecture?"
         ) from None
+
+
+def _load_transformer_file(
+    path: Path, config_folder: Path, pipeline_class: type[DiffusionPipeline], dtype: torch.dtype
+) -> DiffusionPipeline:
+    """The pipeline of ``config_folder`` with its transformer read from the single file ``path``:
+    the original naming (Black Forest Labs' or Stability's release, ComfyUI's; bare or under a
+    checkpoint's ``model.diffusion_model.``), any float dtype (fp8 included), turned into diffusers
+    tensors by the family's naming table (``families``); a full checkpoint's other parts are not read."""
+    is_sd3 = pipeline_class is StableDiffusion3Pipeline
+    naming = sd3.NAMING if is_sd3 else flux.NAMING
+    transformer_class = SD3Transformer2DModel if is_sd3 else FluxTransformer2DModel
+    header = read_safetensors_header(path)
+    found = naming.target_model({key: entry.shape for key, entry in header.tensors.items()})
+    if found is None or found[0] != "original":
+        raise SaRAError(
+            f"{path} holds no {'SD3' if is_sd3 else 'Flux'} transformer in the original naming (no "
+            f"{' / '.join(naming.signatures['original'])}); is --base-config {config_folder} its architecture?"
+        )
+    _, prefix, bare = found
+    with safe_open(path, framework="pt") as file:
+        original = {key: file.get_tensor(prefix + key).to(dtype) for key in bare}
+    try:
+        with torch.device("meta"):
+            transformer = transformer_class.from_config(transformer_class.load_config(config_folder / "transformer"))
+        transformer.load_state_dict(naming.to_diffusers(original), strict=True, assign=True)
+        unset = [name for name, tensor in transformer.named_buffers() if tensor.is_meta]
+        if unset:
+            raise ValueError(f"buffers {unset} have no value")
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise SaRAError(
+            f"cannot load {path} as the {transformer_class.__name__} of {config_folder} ({exc}); is that "
+            f"folder the checkpoint's architecture?"
+        ) from None
+    try:
+        return pipeline_class.from_pretrained(
+            config_folder, transformer=transformer, dtype=dtype, use_safetensors=True, local_files_only=True
+        )
+    except LOAD_ERRORS as exc:
+        raise SaRAError(f"cannot load the VAE and text encoders of {config_folder}: {exc}") from None
 
 
 def _cached_config_folder(path: Path, header: SafetensorsHeader) -> Path:

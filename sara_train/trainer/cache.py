@@ -1,8 +1,9 @@
 """Encode the training images and captions once, and keep the results on disk between runs.
 
 ``build_examples`` turns ``DatasetItem``s into ``TrainingExample``s: each image yields one or more
-square views (see below), each view is encoded by ``encode_images`` (the VAE), each distinct caption
-by ``encode_prompts`` (the text encoders), all under ``torch.no_grad``.
+views (squares, or with ``bucket_step`` the aspect-ratio bucket nearest the image's; see below),
+each view is encoded by ``encode_images`` (the VAE), each distinct caption by ``encode_prompts``
+(the text encoders), all under ``torch.no_grad``.
 
 Views of one image, in this order:
 
@@ -15,7 +16,7 @@ Views of one image, in this order:
 Cache: with a ``cache_dir``, every image has one file ``<key>.safetensors`` holding
 ``latents`` [V, C, h, w], ``time_ids`` [V, 6] float32, ``hidden_states`` [L, D] and, when the text
 encoder has one, ``pooled`` [P]. ``key`` is the sha256 of the image file's bytes, the caption, the
-resolution, crop mode, flip, crop count and seed (random crop), the caller's ``model_fingerprint``
+resolution, crop mode, flip, bucket step, crop count and seed (random crop), the caller's ``model_fingerprint``
 (naming the VAE and text encoders) and the cache format version. Unchanged images are read back
 bit-identical; a change to any of these re-encodes only the images it touches. Files no longer
 used are left in place and may be deleted at any time. A cache file that cannot be read
@@ -95,14 +96,18 @@ def build_examples(
     with_time_ids: bool = False,
     progress: bool = True,
     image_hashes: Sequence[str] | None = None,
+    bucket_step: int = 0,
 ) -> list[TrainingExample]:
     """Encode (or read from ``cache_dir``) every view of every image; see the module docstring.
 
-    ``encode_images`` gets float32 CPU pixels [B, 3, R, R] in [-1, 1] (B <= ``batch_size``) and
+    ``encode_images`` gets float32 CPU pixels [B, 3, H, W] in [-1, 1] (B <= ``batch_size``) and
     returns latents [B, C, h, w] as the UNet takes them (VAE scaling already applied).
     ``encode_prompts`` gets up to ``batch_size`` captions and returns one ``PromptEmbedding`` each.
     Results are moved to the CPU. ``cache_dir=None`` keeps everything in memory only.
     ``image_hashes`` (``file_sha256`` of each item's image) saves hashing the files again.
+    ``bucket_step`` > 0: each image's views take the size of its aspect-ratio bucket
+    (``data.bucket_sizes``) instead of the ``resolution`` square; latents then differ in size
+    between images.
 
     Returns the examples in item order, views in the order above; ``time_ids`` is set only with
     ``with_time_ids`` (SDXL). Before encoding anything, every image that is not cached is decoded
@@ -123,6 +128,8 @@ def build_examples(
     view_options = {"resolution": resolution, "crop": crop, "flip": flip}
     if crop == "random":
         view_options |= {"crops": crop_count, "seed": seed}
+    if bucket_step:
+        view_options |= {"bucket_step": bucket_step}
     cache_paths = [
         cache_dir / f"{_cache_key(image_hash, item.caption, view_options, model_fingerprint)}.safetensors"
         if cache_dir is not None
@@ -148,7 +155,8 @@ def build_examples(
 
     def store(index: int, views: list[LoadedImage], latents: torch.Tensor) -> None:
         time_ids = torch.tensor(
-            [[*view.original_size, *view.crop_top_left, resolution, resolution] for view in views], dtype=torch.float32
+            [[*view.original_size, *view.crop_top_left, *view.pixels.shape[-2:]] for view in views],
+            dtype=torch.float32,
         )
         entry = EncodedImage(latents, time_ids, prompts[items[index].caption])
         if cache_paths[index] is not None:
@@ -159,7 +167,13 @@ def build_examples(
         (
             index,
             load_image_variants(
-                items[index].image_path, resolution, crop, crop_count, flip, _crop_generator(seed, image_hashes[index])
+                items[index].image_path,
+                resolution,
+                crop,
+                crop_count,
+                flip,
+                _crop_generator(seed, image_hashes[index]),
+                bucket_step,
             ),
         )
         for index in missing
@@ -220,7 +234,7 @@ def _encode_views(
     store: Callable[[int, list[LoadedImage], torch.Tensor], None],
 ) -> None:
     """Encode the views of ``image_count`` images, given as ``(index, views)`` pairs, in batches of
-    ``batch_size`` views (a batch may span images); ``store(index, views, latents [V, C, h, w])`` is
+    up to ``batch_size`` views of one size (a batch may span images); ``store(index, views, latents [V, C, h, w])`` is
     called for each image as soon as all its views are encoded."""
     pending: dict[int, tuple[list[LoadedImage], list[torch.Tensor]]] = {}
     batch: list[tuple[int, torch.Tensor]] = []
@@ -247,6 +261,8 @@ def _encode_views(
         for index, views in views_of:
             pending[index] = (views, [])
             for view in views:
+                if batch and batch[0][1].shape != view.pixels.shape:  # a batch holds one view size
+                    flush()
                 batch.append((index, view.pixels))
                 if len(batch) == batch_size:
                     flush()

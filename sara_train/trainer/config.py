@@ -23,6 +23,7 @@ import torch
 
 from ..engine.delta import DTYPES
 from ..engine.errors import SaRAError
+from .objective import TIMESTEP_SAMPLINGS
 from .tracking import TRACKERS
 
 GROUPS = ("inputs", "images", "optimisation", "sara", "outputs")
@@ -205,12 +206,21 @@ class TrainConfig(LoopConfig):
         "Fraction [0, 1) of the images held out (seeded) for the validation loss, logged to validation.csv.",
         "inputs",
     )
+    text_tokens: int | None = option(
+        None, "SD3/Flux: T5 tokens per caption (default: the pipeline's, 256 for SD3 and 512 for Flux).", "inputs"
+    )
     # -- images
     resolution: int = option(512, "Square training resolution in pixels (a multiple of 8).", "images")
     crop: str = option(
         "center", "How images are cropped to the square: center or random.", "images", ("center", "random")
     )
     random_crop_variants: int = option(4, "With --crop random: fixed random crops cached per image.", "images")
+    bucket_step: int = option(
+        0,
+        "Aspect-ratio buckets: train each image at the size nearest its aspect ratio (1:2 to 2:1, about "
+        "resolution² pixels, sides multiples of this; 64 suits every family) instead of a square crop; 0: off.",
+        "images",
+    )
     flip: bool = option(False, "Also train on horizontally mirrored images.", "images")
     cache_dir: str | None = option(
         None,
@@ -219,6 +229,24 @@ class TrainConfig(LoopConfig):
     )
     cache: bool = option(True, "Cache encoded latents and prompts on disk (--no-cache: in memory only).", "images")
     # -- optimisation
+    timestep_sampling: str = option(
+        "uniform",
+        "SD3/Flux: how the noise level is drawn before the shift: uniform, logit_normal or mode (SD3 paper).",
+        "optimisation",
+        TIMESTEP_SAMPLINGS,
+    )
+    logit_mean: float = option(0.0, "Mean of --timestep-sampling logit_normal.", "optimisation")
+    logit_std: float = option(1.0, "Standard deviation of --timestep-sampling logit_normal.", "optimisation")
+    mode_scale: float = option(1.29, "Scale of --timestep-sampling mode.", "optimisation")
+    flow_shift: float | None = option(
+        None,
+        "SD3/Flux: timestep shift s (sigma = s*u / (1 + (s-1)*u)); default: the pipeline's (SD3's shift, "
+        "Flux's resolution-dependent one).",
+        "optimisation",
+    )
+    guidance: float = option(
+        1.0, "Flux.1-dev-like models: the distilled-guidance input while training.", "optimisation"
+    )
     device: str = option(
         "auto",
         "cuda, cuda:N, cpu, or auto (the GPU if there is one; each process's own under accelerate launch).",
@@ -250,8 +278,19 @@ class TrainConfig(LoopConfig):
                 raise SaRAError(f"--{flag(name)} must be >= 1, got {getattr(self, name)}")
         if self.resolution % 8:
             raise SaRAError(f"--resolution must be a multiple of 8, got {self.resolution}")
+        if self.bucket_step and (self.bucket_step < 0 or self.bucket_step % 8 or self.resolution % self.bucket_step):
+            raise SaRAError(
+                f"--bucket-step must be 0 or a multiple of 8 dividing --resolution {self.resolution}, "
+                f"got {self.bucket_step}"
+            )
         if not 0 <= self.validation_split < 1:
             raise SaRAError(f"--validation-split must be in [0, 1), got {self.validation_split}")
+        if not self.logit_std > 0:
+            raise SaRAError(f"--logit-std must be > 0, got {self.logit_std}")
+        if self.flow_shift is not None and not self.flow_shift > 0:
+            raise SaRAError(f"--flow-shift must be > 0, got {self.flow_shift}")
+        if self.text_tokens is not None and self.text_tokens < 1:
+            raise SaRAError(f"--text-tokens must be >= 1, got {self.text_tokens}")
         if not 0 <= self.sample_seed < 2**63:
             raise SaRAError(f"--sample-seed must be in [0, 2**63), got {self.sample_seed}")
         if self.caption_extension.strip(".") == "" or "/" in self.caption_extension:

@@ -17,14 +17,17 @@ An empty caption (an empty ``.txt`` or ``"text": ""``) is allowed: it trains on 
 
 Images become training pixels (``load_image``) the way the diffusers training scripts do it: EXIF
 orientation applied, transparency composited on white, resized so the short side equals the
-resolution, cropped to a square (center or random), optionally mirrored left-right. The resize
-and the crop are one resampling of the square's region only (``ResizePlan``).
+resolution, cropped to a square (center or random), optionally mirrored left-right. With
+aspect-ratio buckets (``bucket_sizes``) an image is instead resized to just cover the bucket size
+nearest its aspect ratio and cropped to it. The resize and the crop are one resampling of the
+view's region only (``ResizePlan``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -53,11 +56,11 @@ class DatasetItem:
 
 @dataclass
 class LoadedImage:
-    """One square training view of an image.
+    """One training view of an image (a square, or an aspect-ratio bucket's size).
 
-    ``pixels``: [3, R, R] float32 in [-1, 1] (R = resolution), RGB.
+    ``pixels``: [3, H, W] float32 in [-1, 1], RGB.
     ``original_size``: (height, width) of the image file after EXIF rotation, before resizing.
-    ``crop_top_left``: (y, x) of the square's corner in the resized image; for a mirrored view it is
+    ``crop_top_left``: (y, x) of the view's corner in the resized image; for a mirrored view it is
     measured in the mirrored resized image (as the diffusers SDXL script does: flip, then crop).
     """
 
@@ -229,52 +232,82 @@ def check_image_options(resolution: int, crop: str) -> None:
         raise SaRAError(f"crop must be one of {', '.join(CROP_MODES)}, got {crop!r}")
 
 
+Size = tuple[int, int]
+"""(width, height) of a training view in pixels."""
+MAX_BUCKET_RATIO = 2.0
+"""Aspect-ratio buckets go from 1:2 to 2:1."""
+
+
+def bucket_sizes(resolution: int, step: int) -> list[Size]:
+    """The aspect-ratio buckets for ``resolution``: (width, height) pairs with sides multiples of
+    ``step``, about ``resolution``² pixels (never more: the height is the largest multiple of ``step``
+    with width·height <= resolution²), aspect ratios from 1:2 to 2:1; the square is always one.
+    Sorted. ``SaRAError`` unless ``step`` is a positive multiple of 8 dividing ``resolution``."""
+    if step < 8 or step % 8 or resolution % step:
+        raise SaRAError(
+            f"bucket step must be a positive multiple of 8 that divides the resolution {resolution}, got {step}"
+        )
+    sizes = set()
+    for width in range(step, int(resolution * MAX_BUCKET_RATIO) + 1, step):
+        height = resolution * resolution // width // step * step
+        if height >= step and 1 / MAX_BUCKET_RATIO <= width / height <= MAX_BUCKET_RATIO:
+            sizes |= {(width, height), (height, width)}
+    return sorted(sizes)
+
+
+def nearest_bucket(width: int, height: int, sizes: list[Size]) -> Size:
+    """The size among ``sizes`` whose aspect ratio is nearest (in log ratio) to ``width``:``height``;
+    of equally near ones the largest."""
+    ratio = math.log(width / height)
+    return min(sizes, key=lambda size: (abs(math.log(size[0] / size[1]) - ratio), -size[0] * size[1]))
+
+
 @dataclass(frozen=True)
 class ResizePlan:
-    """How an image of ``original`` (width, height) becomes square views: conceptually it is resized
-    to ``resized`` (short side = resolution) and a square is cut from that. ``cut`` resamples only
-    the square's own region of the original, so the work is bounded by the output size, not by
-    the resized image (a 1 x 200,000 pixel image would otherwise be upscaled to 64 x 12.8M)."""
+    """How an image of ``original`` (width, height) becomes views of ``size`` (width, height):
+    conceptually it is resized to ``resized`` (just covering ``size``, aspect ratio kept) and the
+    view is cut from that. ``cut`` resamples only the view's own region of the original, so the work
+    is bounded by the output size, not by the resized image (a 1 x 200,000 pixel image would
+    otherwise be upscaled to 64 x 12.8M)."""
 
-    original: tuple[int, int]
-    resized: tuple[int, int]
+    original: Size
+    resized: Size
+    size: Size
 
     @classmethod
-    def for_image(cls, image: Image.Image, resolution: int) -> ResizePlan:
+    def for_image(cls, image: Image.Image, size: Size) -> ResizePlan:
         width, height = image.size
-        scale = resolution / min(width, height)
-        return cls((width, height), (max(resolution, round(width * scale)), max(resolution, round(height * scale))))
+        scale = max(size[0] / width, size[1] / height)
+        resized = (max(size[0], round(width * scale)), max(size[1], round(height * scale)))
+        return cls((width, height), resized, size)
 
-    def source_box(self, top: int, left: int, resolution: int) -> tuple[float, float, float, float]:
-        """The region of the original image that becomes the square at ``(top, left)`` of the resized one."""
+    def source_box(self, top: int, left: int) -> tuple[float, float, float, float]:
+        """The region of the original image that becomes the view at ``(top, left)`` of the resized one."""
         scale_x = self.resized[0] / self.original[0]
         scale_y = self.resized[1] / self.original[1]
-        return (left / scale_x, top / scale_y, (left + resolution) / scale_x, (top + resolution) / scale_y)
+        return (left / scale_x, top / scale_y, (left + self.size[0]) / scale_x, (top + self.size[1]) / scale_y)
 
 
-def _crop_position(
-    plan: ResizePlan, resolution: int, crop: CropMode, generator: torch.Generator | None
-) -> tuple[int, int]:
-    width, height = plan.resized
+def _crop_position(plan: ResizePlan, crop: CropMode, generator: torch.Generator | None) -> tuple[int, int]:
+    (width, height), (view_width, view_height) = plan.resized, plan.size
     if crop == "center":
-        return (height - resolution) // 2, (width - resolution) // 2
-    top = int(torch.randint(0, height - resolution + 1, (1,), generator=generator))
-    left = int(torch.randint(0, width - resolution + 1, (1,), generator=generator))
+        return (height - view_height) // 2, (width - view_width) // 2
+    top = int(torch.randint(0, height - view_height + 1, (1,), generator=generator))
+    left = int(torch.randint(0, width - view_width + 1, (1,), generator=generator))
     return top, left
 
 
-def _cut(image: Image.Image, plan: ResizePlan, resolution: int, top_left: tuple[int, int], flip: bool) -> LoadedImage:
+def _cut(image: Image.Image, plan: ResizePlan, top_left: tuple[int, int], flip: bool) -> LoadedImage:
     top, left = top_left
+    width, height = plan.size
     if plan.resized == plan.original:
-        square = image.crop((left, top, left + resolution, top + resolution))
+        view = image.crop((left, top, left + width, top + height))
     else:
-        square = image.resize(
-            (resolution, resolution), Image.Resampling.LANCZOS, box=plan.source_box(top, left, resolution)
-        )
-    pixels = torch.from_numpy(np.asarray(square, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
+        view = image.resize((width, height), Image.Resampling.LANCZOS, box=plan.source_box(top, left))
+    pixels = torch.from_numpy(np.asarray(view, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
     if flip:
         pixels = pixels.flip(-1)
-        left = plan.resized[0] - left - resolution
+        left = plan.resized[0] - left - width
     return LoadedImage(pixels.contiguous(), (image.height, image.width), (top, left))
 
 
@@ -293,8 +326,8 @@ def load_image(
     """
     check_image_options(resolution, crop)
     image = read_rgb(Path(path))
-    plan = ResizePlan.for_image(image, resolution)
-    return _cut(image, plan, resolution, _crop_position(plan, resolution, crop, generator), flip)
+    plan = ResizePlan.for_image(image, (resolution, resolution))
+    return _cut(image, plan, _crop_position(plan, crop, generator), flip)
 
 
 def load_image_variants(
@@ -304,9 +337,12 @@ def load_image_variants(
     crop_count: int,
     with_mirror: bool,
     generator: torch.Generator | None = None,
+    bucket_step: int = 0,
 ) -> list[LoadedImage]:
-    """Decode an image once and cut ``crop_count`` square views from it (``crop_count`` corners
-    drawn from ``generator`` in turn for ``"random"``; for ``"center"`` they are all the same).
+    """Decode an image once and cut ``crop_count`` views from it (``crop_count`` corners drawn from
+    ``generator`` in turn for ``"random"``; for ``"center"`` they are all the same). Views are
+    ``resolution`` squares, or with ``bucket_step`` the ``bucket_sizes(resolution, bucket_step)``
+    size nearest the image's aspect ratio.
 
     With ``with_mirror`` each view is followed by its left-right mirror:
     ``[crop 0, crop 0 mirrored, crop 1, crop 1 mirrored, ...]``.
@@ -315,11 +351,12 @@ def load_image_variants(
     if crop_count < 1:
         raise SaRAError(f"the number of crops per image must be at least 1, got {crop_count}")
     image = read_rgb(Path(path))
-    plan = ResizePlan.for_image(image, resolution)
+    size = nearest_bucket(*image.size, bucket_sizes(resolution, bucket_step)) if bucket_step else (resolution,) * 2
+    plan = ResizePlan.for_image(image, size)
     views = []
     for _ in range(crop_count):
-        top_left = _crop_position(plan, resolution, crop, generator)
-        views.append(_cut(image, plan, resolution, top_left, flip=False))
+        top_left = _crop_position(plan, crop, generator)
+        views.append(_cut(image, plan, top_left, flip=False))
         if with_mirror:
-            views.append(_cut(image, plan, resolution, top_left, flip=True))
+            views.append(_cut(image, plan, top_left, flip=True))
     return views

@@ -1,10 +1,12 @@
-"""The training loop: SaRA on a diffusers ``UNet2DConditionModel`` over cached examples.
+"""The training loop: SaRA on a diffusers denoiser (a Stable Diffusion UNet, an SD3 or Flux
+transformer) over cached examples.
 
 One optimizer step, top to bottom (``run_training``):
   for each of ``grad_accumulation`` micro-batches: take the next ``batch_size * world`` examples in
-  the seeded order, draw noise and timesteps for all of them from one CPU generator, keep this
-  process's slice, noise the latents (DDPM), predict with the UNet, MSE against the scheduler's
-  target (noise, velocity or sample), backward (gradients reach only the sparse SaRA values);
+  the seeded order (of one size, when aspect-ratio buckets give several: ``bucketed_batch``), draw
+  noise and timesteps for all of them from one CPU generator, keep this process's slice, noise the
+  latents and score the model's prediction against its target with the ``Objective`` (DDPM ε/v/x₀
+  or flow matching), backward (gradients reach only the sparse SaRA values);
   then average the values' gradients over processes, set the learning rate, ``SaRAAdamW.step()``
   (which adds the rank-loss gradient and does the progressive re-selection on its step).
 Everything random is a function of ``config.seed`` and the step, or lives in the saved generator
@@ -22,6 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -40,12 +43,11 @@ from ..plots.loss import plot_loss
 from .config import LoopConfig
 from .interrupts import Interrupted, StopSignals
 from .logs import LossRow, ValidationRow, read_loss_log, read_rows, write_loss_log, write_rows
-from .objective import example_errors
+from .objective import Objective, as_objective
 from .state_file import read_state_file, save_state_file
 from .tracking import Tracker, open_tracker
 from .types import PromptEmbedding, TrainingExample
 from .validation import validation_loss, validation_set
-from .weighting import min_snr_weights
 
 RESUME_INDEPENDENT = {
     "output_dir",
@@ -155,6 +157,29 @@ def example_order(position: int, count: int, seed: int) -> int:
     return int(torch.randperm(count, generator=generator)[offset])
 
 
+def size_groups(examples: Sequence[TrainingExample]) -> list[list[int]]:
+    """Example indices grouped by latent size (aspect-ratio buckets), groups in order of first appearance."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, example in enumerate(examples):
+        groups.setdefault(tuple(example.latents.shape), []).append(index)
+    return list(groups.values())
+
+
+def bucketed_batch(position: int, groups: Sequence[Sequence[int]], size: int, seed: int) -> list[int]:
+    """Example indices of global micro-batch ``position`` when examples come in several sizes: each
+    epoch, every size group in a fresh seeded order is cut into batches of ``size`` (the last one
+    filled up from the group's start, so a batch is never mixed or short), and the epoch's batches
+    are taken in a seeded order. Every example is seen every epoch."""
+    per_epoch = sum(math.ceil(len(group) / size) for group in groups)
+    epoch, offset = divmod(position, per_epoch)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    batches = []
+    for group in groups:
+        order = [group[i] for i in torch.randperm(len(group), generator=generator).tolist()]
+        batches += [[order[(start + i) % len(order)] for i in range(size)] for start in range(0, len(order), size)]
+    return batches[int(torch.randperm(len(batches), generator=generator)[offset])]
+
+
 class Distributed:
     """This process's place among the training processes (one process when not launched by
     ``accelerate launch`` / ``torchrun``). Collectives run on the backend's device (the GPU for
@@ -212,8 +237,8 @@ def check_run_folder(folder: RunFolder, resume: bool) -> None:
 
 
 def run_training(
-    unet: nn.Module,
-    noise_scheduler,
+    model: nn.Module,
+    objective: Objective | Any,
     examples: Sequence[TrainingExample],
     config: LoopConfig,
     render_samples: Callable[[int], list[Image.Image]] | None = None,
@@ -223,23 +248,25 @@ def run_training(
     empty_prompt: PromptEmbedding | None = None,
     validation_examples: Sequence[TrainingExample] = (),
 ) -> TrainResult:
-    """Fine-tune ``unet`` in place with SaRA on ``examples``; write the run's files; return the result.
+    """Fine-tune ``model`` in place with SaRA on ``examples``; write the run's files; return the result.
 
-    ``unet``: a diffusers ``UNet2DConditionModel`` (or any module with its call signature), on the
-    device to train on, fp32. ``noise_scheduler``: a ``DDPMScheduler`` (its ``num_train_timesteps``
-    and ``prediction_type`` are used). ``render_samples(step)`` makes validation images with the
-    UNet as it is (rank 0 only). ``convert_delta`` renames delta keys before saving (e.g. to LDM
-    names). ``data_fingerprint`` identifies the training data; it is saved with the state and a
-    resume with other data is refused. ``empty_prompt``: the empty caption, encoded; needed when
-    ``config.caption_dropout`` > 0 (dropped examples are trained with it). ``validation_examples``:
-    held-out examples whose ``validation_loss`` is logged to ``validation.csv`` every
-    ``config.validation_every`` steps and at the end (main process).
+    ``model``: the denoiser ``objective`` calls (a diffusers ``UNet2DConditionModel``,
+    ``SD3Transformer2DModel`` or ``FluxTransformer2DModel``, or any module with the same call
+    signature), on the device to train on, fp32. ``objective``: an ``Objective``, or a DDPM-style
+    noise scheduler meaning ``DenoisingObjective(scheduler, config.snr_gamma)``.
+    ``render_samples(step)`` makes validation images with the model as it is (rank 0 only).
+    ``convert_delta`` renames delta keys before saving (e.g. to LDM names). ``data_fingerprint``
+    identifies the training data; it is saved with the state and a resume with other data is
+    refused. ``empty_prompt``: the empty caption, encoded; needed when ``config.caption_dropout`` > 0
+    (dropped examples are trained with it). ``validation_examples``: held-out examples whose
+    ``validation_loss`` is logged to ``validation.csv`` every ``config.validation_every`` steps and
+    at the end (main process).
 
     SIGINT/SIGTERM (see ``interrupts``) end the run at once: a step in progress is dropped and the
     last completed step is saved (delta, resume state, logs), unless nothing new was learned; a
     save in progress always completes. With several processes, a signal any of them receives
     stops all of them at the end of the same step. Training also ends early, saving normally, when the
-    progressive step leaves no entry trainable. On return the UNet still holds SaRA's
+    progressive step leaves no entry trainable. On return the model still holds SaRA's
     parametrization with the learned values (``result.handle``).
     """
     config.validate()
@@ -249,17 +276,17 @@ def run_training(
         raise SaRAError("--caption-dropout needs the empty caption encoded (run_training's empty_prompt)")
     folder = RunFolder(Path(config.output_dir))
     check_run_folder(folder, config.resume)
-    device = next(unet.parameters()).device
+    device = next(model.parameters()).device
     compute_dtype = config.compute_dtype
     if config.mixed_precision == "fp16" and device.type != "cuda":
         raise SaRAError("--mixed-precision fp16 needs a CUDA GPU (use bf16 or no on CPU)")
     with StopSignals() as signals:
         try:
-            if next(unet.parameters()).dtype != compute_dtype:
-                unet.to(compute_dtype)
-            unet.train()
+            if next(model.parameters()).dtype != compute_dtype:
+                model.to(compute_dtype)
+            model.train()
             if config.gradient_checkpointing:
-                unet.enable_gradient_checkpointing()
+                model.enable_gradient_checkpointing()
             selection = SaRAConfig(
                 threshold=config.threshold,
                 budget=config.budget,
@@ -267,7 +294,7 @@ def run_training(
                 exclude=list(config.exclude),
             )
             optimizer = SaRAAdamW(
-                unet,
+                model,
                 lr=config.learning_rate,
                 config=selection,
                 rank_weight=config.rank_weight,
@@ -276,8 +303,8 @@ def run_training(
                 weight_decay=config.weight_decay,
             )
             run = TrainingRun(
-                unet,
-                noise_scheduler,
+                model,
+                as_objective(objective, config.snr_gamma),
                 examples,
                 config,
                 folder,
@@ -302,8 +329,8 @@ class TrainingRun:
 
     def __init__(
         self,
-        unet: nn.Module,
-        noise_scheduler,
+        model: nn.Module,
+        objective: Objective,
         examples: Sequence[TrainingExample],
         config: LoopConfig,
         folder: RunFolder,
@@ -315,21 +342,18 @@ class TrainingRun:
         empty_prompt: PromptEmbedding | None = None,
         validation_examples: Sequence[TrainingExample] = (),
     ) -> None:
-        self.unet, self.noise_scheduler, self.examples, self.config = unet, noise_scheduler, examples, config
+        self.model, self.objective, self.examples, self.config = model, objective, examples, config
         self.folder, self.optimizer, self.signals, self.metadata = folder, optimizer, signals, metadata
         self.convert_delta, self.data_fingerprint, self.empty_prompt = convert_delta, data_fingerprint, empty_prompt
         self.distributed = Distributed()
         self.scaler = torch.amp.GradScaler("cuda") if config.mixed_precision == "fp16" else None
         self.noise_generator = torch.Generator().manual_seed(config.seed)
         self.ema = SparseEMA(optimizer.handle, config.ema_decay) if config.ema_decay else None
-        self.validation = (
-            validation_set(validation_examples, noise_scheduler.config.num_train_timesteps, config.seed)
-            if validation_examples
-            else None
-        )
+        self.validation = validation_set(validation_examples, objective, config.seed) if validation_examples else None
         self.validation_rows: list[ValidationRow] = []
         self.tracker: Tracker | None = None
         """Where the main process also logs (``config.log_with``), open while ``train`` runs."""
+        self.size_groups = size_groups(examples)
         self.losses: list[LossRow] = []
         self.start_step = 0
         self.saved_step: int | None = None
@@ -477,21 +501,24 @@ class TrainingRun:
         global_batch = config.batch_size * distributed.world
         loss_sum = torch.zeros((), dtype=torch.float64)
         for micro in range(config.grad_accumulation):
-            first = (step * config.grad_accumulation + micro) * global_batch
-            indices = [example_order(first + i, len(self.examples), config.seed) for i in range(global_batch)]
+            position = step * config.grad_accumulation + micro
+            if len(self.size_groups) > 1:
+                indices = bucketed_batch(position, self.size_groups, global_batch, config.seed)
+            else:
+                first = position * global_batch
+                indices = [example_order(first + i, len(self.examples), config.seed) for i in range(global_batch)]
             batch = [self.examples[i] for i in indices]
             if config.caption_dropout:
                 batch = drop_captions(batch, config.caption_dropout, self.empty_prompt, self.noise_generator)
             loss = micro_batch_loss(
-                self.unet,
-                self.noise_scheduler,
+                self.model,
+                self.objective,
                 batch,
                 self.noise_generator,
                 distributed,
                 config.batch_size,
                 compute_dtype,
                 device,
-                config.snr_gamma,
             )
             backward(loss / config.grad_accumulation, self.scaler)
             loss_sum += loss.detach().double().cpu()
@@ -536,15 +563,15 @@ class TrainingRun:
     def save_samples(self, render_samples: Callable[[int], list[Image.Image]]) -> None:
         """Render the validation prompts now; save (and track) the images side by side."""
         done = self.completed
-        grid = save_samples(self.folder.samples_at(done), self.unet, render_samples, done)
+        grid = save_samples(self.folder.samples_at(done), self.model, render_samples, done)
         if self.tracker is not None:
             self.tracker.log_image(done, "samples", grid)
 
     def validate(self) -> None:
         """Append the validation loss of the model as it is now and rewrite ``validation.csv``."""
         self.doing = f"computing the validation loss of step {self.completed}"
-        device = next(self.unet.parameters()).device
-        loss = validation_loss(self.unet, self.noise_scheduler, self.validation, self.config.compute_dtype, device)
+        device = next(self.model.parameters()).device
+        loss = validation_loss(self.model, self.objective, self.validation, self.config.compute_dtype, device)
         self.validation_rows.append(ValidationRow(self.completed, loss))
         if self.tracker is not None:
             self.tracker.log_scalars(self.completed, {"validation_loss": loss})
@@ -577,27 +604,25 @@ def drop_captions(
 
 
 def micro_batch_loss(
-    unet: nn.Module,
-    noise_scheduler,
+    model: nn.Module,
+    objective: Objective,
     batch: Sequence[TrainingExample],
     noise_generator: torch.Generator,
     distributed: Distributed,
     per_process: int,
     compute_dtype: torch.dtype,
     device: torch.device,
-    snr_gamma: float = 0.0,
 ) -> torch.Tensor:
-    """Denoising MSE of this process's slice of the global micro-batch ``batch`` (0-d fp32 tensor):
-    the mean over examples of each example's mean squared error, each weighted by
-    ``min_snr_weights`` when ``snr_gamma`` > 0."""
+    """Denoising loss of this process's slice of the global micro-batch ``batch`` (0-d fp32 tensor):
+    noise and timesteps drawn for the whole global batch, then the mean over this slice of each
+    example's squared error, weighted by ``objective.loss_weights`` when it has any."""
     latents = torch.stack([example.latents for example in batch]).float()
     noise = torch.randn(latents.shape, generator=noise_generator)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(batch),), generator=noise_generator)
+    timesteps = objective.draw_timesteps(len(batch), noise_generator)
     mine = slice(distributed.rank * per_process, (distributed.rank + 1) * per_process)
-    errors = example_errors(unet, noise_scheduler, batch[mine], noise[mine], timesteps[mine], compute_dtype, device)
-    if snr_gamma:
-        errors = errors * min_snr_weights(noise_scheduler, timesteps[mine].to(device), snr_gamma)
-    return errors.mean()
+    errors = objective.example_errors(model, batch[mine], noise[mine], timesteps[mine], compute_dtype, device)
+    weights = objective.loss_weights(timesteps[mine].to(device))
+    return (errors if weights is None else errors * weights).mean()
 
 
 def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
@@ -611,16 +636,16 @@ def write_logs(folder: RunFolder, losses: list[LossRow]) -> None:
 
 
 def save_samples(
-    path: Path, unet: nn.Module, render_samples: Callable[[int], list[Image.Image]], step: int
+    path: Path, model: nn.Module, render_samples: Callable[[int], list[Image.Image]], step: int
 ) -> Image.Image:
-    """Render the validation images with the UNet in eval mode and save them side by side; returns
+    """Render the validation images with the model in eval mode and save them side by side; returns
     that image."""
-    unet.eval()
+    model.eval()
     try:
         with torch.no_grad():
             images = render_samples(step)
     finally:
-        unet.train()
+        model.train()
     width = sum(image.width for image in images)
     grid = Image.new("RGB", (width, max(image.height for image in images)), "white")
     x = 0

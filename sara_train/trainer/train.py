@@ -1,19 +1,24 @@
-"""``sara-train train``: a Stable Diffusion base + an image folder -> a SaRA delta, end to end.
+"""``sara-train train``: a base model + an image folder -> a SaRA delta, end to end.
 
-Load the base (diffusers folder or single file), scan and check the dataset, encode it once
-(cached on disk), then ``run_training`` on the UNet. VAE and text encoders stay frozen; they are
-needed again only to render validation images.
+Load the base (a Stable Diffusion 1.x/2.x/XL, SD3/3.5 or Flux.1 diffusers folder or single file),
+scan and check the dataset, encode it once (cached on disk), then ``run_training`` on the UNet or
+transformer with the family's objective. VAE and text encoders stay frozen; they are needed again
+only to render validation images.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from ..engine.apply import fit_delta
+from ..engine.delta import SparseDelta
 from ..engine.errors import SaRAError
+from ..families import flux, sd3
 from ..families.sd_unet import delta_to_ldm_keys
 from .base_model import BaseModel, load_base
 from .cache import build_examples, data_fingerprint, file_sha256
@@ -85,7 +90,22 @@ def train(config: TrainConfig) -> TrainResult:
             if config.resume and saved_data_fingerprint(folder) not in (None, fingerprint):
                 raise SaRAError(data_changed_message(folder, f"training data in {config.data}"))
             doing = "loading the base model"
-            base = load_base(config.base, config_dir=config.base_config, dtype=torch.float32, device=device)
+            base = load_base(
+                config.base,
+                config_dir=config.base_config,
+                dtype=torch.float32,
+                device=device,
+                text_tokens=config.text_tokens,
+            )
+            objective = base.objective(
+                config.snr_gamma,
+                config.timestep_sampling,
+                config.logit_mean,
+                config.logit_std,
+                config.mode_scale,
+                config.flow_shift,
+                config.guidance,
+            )
             doing = "encoding the training images"
             kept = [i for i in range(len(items)) if i not in held_out]
             examples = encode_examples(
@@ -124,8 +144,8 @@ def train(config: TrainConfig) -> TrainResult:
             "key_format": config.key_format,
         }
         return run_training(
-            base.unet,
-            base.noise_scheduler,
+            base.denoiser,
+            objective,
             examples,
             config,
             render_samples=render,
@@ -182,6 +202,7 @@ def encode_examples(
                 with_time_ids=base.kind == "sdxl",
                 progress=distributed.is_main,
                 image_hashes=image_hashes,
+                bucket_step=config.bucket_step,
             )
 
     if distributed.is_main:
@@ -193,10 +214,16 @@ def encode_examples(
     return examples
 
 
-def key_converter(base: BaseModel, config: TrainConfig):
-    """Delta renaming to LDM keys (ComfyUI, single-file checkpoints) unless ``key_format`` is diffusers."""
+def key_converter(base: BaseModel, config: TrainConfig) -> Callable[[SparseDelta], SparseDelta] | None:
+    """Delta renaming to the original naming (``key_format`` ldm: ComfyUI and single-file checkpoints;
+    SD3/Flux q, k and v fused as there) unless ``key_format`` is diffusers."""
     if config.key_format == "diffusers":
         return None
+    if base.is_flow:
+        naming = sd3.NAMING if base.kind == "sd3" else flux.NAMING
+        shapes = {name: tuple(tensor.shape) for name, tensor in base.denoiser.state_dict().items()}
+        original = naming.original_shapes(shapes)
+        return lambda delta: fit_delta(delta, original, f"the original {base.kind} naming")
     unet_config = dict(base.unet.config)
     return lambda delta: delta_to_ldm_keys(delta, unet_config)
 
@@ -207,6 +234,7 @@ def sample_renderer(base: BaseModel, config: TrainConfig, device: torch.device):
     pipeline = base.pipeline()
     pipeline.set_progress_bar_config(disable=True)
     compute_dtype = config.compute_dtype
+    t5_length = {"max_sequence_length": base.text_tokens} if base.text_tokens is not None else {}
 
     def render(step: int) -> list[Image.Image]:
         generator = torch.Generator(device="cpu").manual_seed(config.sample_seed)
@@ -218,6 +246,7 @@ def sample_renderer(base: BaseModel, config: TrainConfig, device: torch.device):
                 generator=generator,
                 height=config.resolution,
                 width=config.resolution,
+                **t5_length,
             ).images
 
     return render

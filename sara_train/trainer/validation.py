@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .objective import example_errors
+from .objective import Objective
 from .types import TrainingExample
 
 TIMESTEPS_PER_EXAMPLE = 4
@@ -25,43 +25,48 @@ BATCH = 8
 @dataclass
 class ValidationSet:
     """Held-out ``examples`` [N], each repeated ``TIMESTEPS_PER_EXAMPLE`` times with fixed ``noise``
-    [N*T, C, H, W] (CPU) and ``timesteps`` [N*T] (example-major order)."""
+    (N*T tensors shaped like their example's latents, CPU) and ``timesteps`` [N*T] (example-major)."""
 
     examples: list[TrainingExample]
-    noise: torch.Tensor
+    noise: list[torch.Tensor]
     timesteps: torch.Tensor
 
 
-def validation_set(examples: Sequence[TrainingExample], num_train_timesteps: int, seed: int) -> ValidationSet:
-    """Fix the noise and timesteps of ``examples`` (see the module docstring)."""
+def validation_set(examples: Sequence[TrainingExample], objective: Objective, seed: int) -> ValidationSet:
+    """Fix the noise (drawn item by item) and ``objective``'s timesteps of ``examples`` (see the
+    module docstring)."""
     generator = torch.Generator().manual_seed(seed)
     repeated = [example for example in examples for _ in range(TIMESTEPS_PER_EXAMPLE)]
-    noise = torch.randn(len(repeated), *examples[0].latents.shape, generator=generator)
-    spread = ((torch.arange(TIMESTEPS_PER_EXAMPLE) + 0.5) * num_train_timesteps / TIMESTEPS_PER_EXAMPLE).long()
+    noise = [torch.randn(example.latents.shape, generator=generator) for example in repeated]
+    spread = objective.spread_timesteps(TIMESTEPS_PER_EXAMPLE)
     return ValidationSet(repeated, noise, spread.repeat(len(examples)))
 
 
 @torch.no_grad()
 def validation_loss(
-    unet: nn.Module, noise_scheduler, validation: ValidationSet, compute_dtype: torch.dtype, device: torch.device
+    model: nn.Module, objective: Objective, validation: ValidationSet, compute_dtype: torch.dtype, device: torch.device
 ) -> float:
-    """Mean denoising error over ``validation`` with ``unet`` in eval mode (its mode is restored)."""
-    was_training = unet.training
-    unet.eval()
+    """Mean denoising error of ``model`` over ``validation`` in eval mode (its mode is restored);
+    consecutive items of one latent size are scored together, up to ``BATCH`` at a time."""
+    was_training = model.training
+    model.eval()
     try:
-        total = 0.0
-        for start in range(0, len(validation.examples), BATCH):
-            part = slice(start, start + BATCH)
-            errors = example_errors(
-                unet,
-                noise_scheduler,
-                validation.examples[part],
-                validation.noise[part],
-                validation.timesteps[part],
+        total, start = 0.0, 0
+        while start < len(validation.examples):
+            shape = validation.noise[start].shape
+            stop = start + 1
+            while stop < min(start + BATCH, len(validation.examples)) and validation.noise[stop].shape == shape:
+                stop += 1
+            errors = objective.example_errors(
+                model,
+                validation.examples[start:stop],
+                torch.stack(validation.noise[start:stop]),
+                validation.timesteps[start:stop],
                 compute_dtype,
                 device,
             )
             total += float(errors.double().sum())
+            start = stop
     finally:
-        unet.train(was_training)
+        model.train(was_training)
     return total / len(validation.examples)
