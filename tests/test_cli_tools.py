@@ -59,9 +59,9 @@ def setup(tmp_path_factory) -> dict:
         "delta": delta,
         "file": write_single_file_checkpoint(folder, root / "sd15.safetensors"),
         "diffusers_delta": delta.save(root / "delta_diffusers.safetensors"),
-        "ldm_delta": delta_to_ldm_keys(delta, base.unet_config).save(root / "delta_ldm.safetensors"),
+        "ldm_delta": delta_to_ldm_keys(delta, dict(base.unet.config)).save(root / "delta_ldm.safetensors"),
         "second": random_delta(base.unet, seed=2).save(root / "second.safetensors"),
-        "foreign": delta_to_ldm_keys(random_delta(other.unet, seed=3), other.unet_config).save(
+        "foreign": delta_to_ldm_keys(random_delta(other.unet, seed=3), dict(other.unet.config)).save(
             root / "foreign.safetensors"
         ),
     }
