@@ -46,7 +46,7 @@ test: install chromium lint
 bench: install
 	$(PY) -m benchmarks.memory_speed
 
-evidence: install  # docs/results.md: SaRA vs LoRA and the ablations (~95 min on 2 cores; resumable)
+evidence: install  # docs/results.md: SaRA vs LoRA and the ablations (~150 min on 2 cores; resumable)
 	$(PY) -m benchmarks.quality --out bench-output/quality
 
 clean:

@@ -42,7 +42,7 @@ def measure_one(family: str, args: argparse.Namespace) -> dict:
     import torch
 
     sys.path.insert(0, str(REPO / "tests"))
-    from train_cli import write_image_folder
+    from train_cli import train_args, write_image_folder
 
     from sara_train.cli import main
     from sara_train.engine.delta import SparseDelta
@@ -52,17 +52,13 @@ def measure_one(family: str, args: argparse.Namespace) -> dict:
         root = Path(temp)
         base = build_base(family, root / "base")
         data = write_image_folder(root / "data", count=8, size=args.resolution + 8)
-        out = root / "run"
+        out = root / "run"  # train_args caches in root / "cache"
         options = ["--text-tokens", "32"] if family in ("sd3", "flux") else []
         status = main(
-            [
-                "train",
-                "--base",
-                str(base),
-                "--data",
-                str(data),
-                "--output-dir",
-                str(out),
+            train_args(
+                base,
+                data,
+                out,
                 "--resolution",
                 str(args.resolution),
                 "--steps",
@@ -75,12 +71,10 @@ def measure_one(family: str, args: argparse.Namespace) -> dict:
                 args.device,
                 "--mixed-precision",
                 args.mixed_precision,
-                "--cache-dir",
-                str(root / "cache"),
                 "--log-every",
                 str(args.steps),
                 *options,
-            ]
+            )
         )
         if status:
             raise SystemExit(f"{family}: sara-train exited with {status}")

@@ -215,3 +215,20 @@ def test_train_from_the_transformer_file_and_merge_into_it(
     for key, tensor in got.items():
         torch.testing.assert_close(tensor, expected[key], rtol=0, atol=0, msg=key)
     assert not torch.equal(got[FAMILIES[family][3]], load_file(single)[FAMILIES[family][3]])
+
+
+def test_an_fp8_transformer_file_loads_as_its_values(pipelines: dict[str, Path], tmp_path: Path) -> None:
+    """A Flux transformer file stored in float8_e4m3fn (as fp8 releases are) under a checkpoint's
+    ``model.diffusion_model.`` prefix loads, through the naming table, as exactly those fp8 values."""
+    from safetensors.torch import save_file
+
+    folder = pipelines["flux"]
+    reference = load_base(folder).denoiser.state_dict()
+    original = original_state(flux.NAMING, reference)
+    fp8 = {"model.diffusion_model." + key: tensor.to(torch.float8_e4m3fn) for key, tensor in original.items()}
+    save_file(fp8, tmp_path / "flux-fp8.safetensors")
+    loaded = load_base(tmp_path / "flux-fp8.safetensors", config_dir=folder).denoiser.state_dict()
+    assert loaded.keys() == reference.keys()
+    for key, tensor in loaded.items():
+        assert tensor.dtype == torch.float32
+        assert torch.equal(tensor, reference[key].to(torch.float8_e4m3fn).float()), key
