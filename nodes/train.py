@@ -16,6 +16,7 @@ from server import PromptServer
 
 import sara_train
 from sara_train import DTYPES, SaRAConfig, SparseDelta
+from sara_train.trainer.timesteps import TIMESTEP_SAMPLINGS
 
 from .adapter import patch_model
 from .common import LOSS_MAP, NONE, SARA_DELTA, numbered_path, sara_folder
@@ -129,24 +130,69 @@ class SaRATrain(io.ComfyNode):
                     default=NONE,
                     tooltip="Continue training from this delta (models/sara).",
                 ),
+                io.Combo.Input(
+                    "timestep_sampling",
+                    options=list(TIMESTEP_SAMPLINGS),
+                    default="uniform",
+                    tooltip="How noise levels are drawn: uniform, logit_normal (favours the middle; SD3/Flux "
+                    "training) or mode (SD3's skewed density). The model's own shift is applied.",
+                ),
+                io.Float.Input(
+                    "min_snr_gamma",
+                    default=0.0,
+                    min=0.0,
+                    max=100.0,
+                    step=0.5,
+                    tooltip="Min-SNR-γ loss weighting for epsilon/v-prediction models (SD1.x/2.x/XL); 5 is usual, "
+                    "0 is off. Not for flow models (SD3, Flux, ...).",
+                ),
+                io.Float.Input(
+                    "caption_dropout",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Probability that an image trains with the dropout conditioning instead of its "
+                    "prompt (keeps the model working without the prompt, e.g. for CFG).",
+                ),
+                io.Float.Input(
+                    "ema_decay",
+                    default=0.0,
+                    min=0.0,
+                    max=0.99999,
+                    step=0.0001,
+                    tooltip="Keep an exponential moving average of the learned update (sparse: only the "
+                    "trained entries), returned as ema_delta; 0.999 is usual, 0 is off.",
+                ),
+                io.Conditioning.Input(
+                    "dropout_conditioning",
+                    optional=True,
+                    tooltip="What a dropped caption trains with: CLIP Text Encode of an empty prompt. "
+                    "Unconnected: the first conditioning zeroed (as Conditioning Zero Out).",
+                ),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The input model with the learned delta applied."),
                 SARA_DELTA.Output(display_name="delta"),
                 LOSS_MAP.Output(display_name="loss_map", tooltip="{'loss': [...]}, for the Plot Loss Graph node."),
+                SARA_DELTA.Output(
+                    display_name="ema_delta",
+                    tooltip="The moving average of the learned update (the delta itself when ema_decay is 0).",
+                ),
             ],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,  # it shows the loss chart and status, and runs even with nothing attached
         )
 
     @classmethod
-    def execute(cls, model, latents, positive, **options) -> io.NodeOutput:
+    def execute(cls, model, latents, positive, dropout_conditioning=None, **options) -> io.NodeOutput:
         options = {name: values[0] for name, values in options.items()}
         model = model[0]
         with torch.inference_mode(False):
             data = build_training_set(
                 [clone_tensors(latent) for latent in latents],
                 [clone_tensors(conditioning) for conditioning in positive],
+                None if dropout_conditioning is None else clone_tensors(dropout_conditioning[0]),
             )
             settings = settings_from_options(options)
             periodic = PeriodicSaver(options["save_every"], options["save_prefix"], settings.steps)
@@ -163,8 +209,12 @@ class SaRATrain(io.ComfyNode):
 
             outcome = train(model, data, settings, on_step, cancel.requested)
             seconds = time.perf_counter() - started
-            metadata = training_metadata(model, data, options, settings, outcome.losses, seconds)
+            metadata = training_metadata(model, data, options, settings, outcome, seconds)
             delta = SparseDelta(outcome.delta.layers, outcome.delta.selection, metadata)
+            ema_delta = delta
+            if outcome.ema_delta is not None:
+                ema_metadata = {**metadata, **outcome.ema_delta.metadata}
+                ema_delta = SparseDelta(outcome.ema_delta.layers, outcome.ema_delta.selection, ema_metadata)
             if outcome.stopped_early:
                 log.warning(
                     "SaRA Train: stopped after %d of %d steps: %s",
@@ -179,7 +229,7 @@ class SaRATrain(io.ComfyNode):
                     settings.steps,
                 )
                 if outcome.steps_done:
-                    periodic.save(outcome.steps_done, delta)
+                    periodic.save(outcome.steps_done, delta, ema_delta if outcome.ema_delta is not None else None)
             log.info(
                 "SaRA Train: %d steps in %.1f s, %s trainable entries, final loss %s",
                 outcome.steps_done,
@@ -189,7 +239,7 @@ class SaRATrain(io.ComfyNode):
             )
         trained_model = patch_model(model, delta, 1.0, check_base=False)
         ui = {"sara_loss": outcome.losses, "sara_status": [status_line(outcome, settings.steps, seconds)]}
-        return io.NodeOutput(trained_model, delta, {"loss": outcome.losses}, ui=ui)
+        return io.NodeOutput(trained_model, delta, {"loss": outcome.losses}, ema_delta, ui=ui)
 
 
 def train(
@@ -211,10 +261,10 @@ def train(
     reserve = TRAINING_MEMORY_FACTOR * patcher.memory_required(batch_shape)
     comfy.model_management.load_models_gpu([patcher], memory_required=reserve)
     flat_conditioning, slices = [], []
-    for conditioning in data.conditionings:
+    for conditioning in [*data.conditionings, data.dropout_conditioning]:
         slices.append(slice(len(flat_conditioning), len(flat_conditioning) + len(conditioning)))
         flat_conditioning.extend(conditioning)
-    sampler = SaRATrainSampler(data, settings, slices, on_step, should_stop)
+    sampler = SaRATrainSampler(data, settings, slices[:-1], on_step, should_stop, dropout_slice=slices[-1])
     guider = comfy_extras.nodes_custom_sampler.Guider_Basic(patcher)
     guider.set_conds(flat_conditioning)
     shape = (1, *data.buckets[0].latents.shape[1:])
@@ -226,7 +276,16 @@ def train(
 def settings_from_options(options: dict) -> TrainSettings:
     """The node's options as ``TrainSettings``, checked before any model is touched (ComfyUI's own
     range check lets NaN through): ``ValueError`` / ``SaRAError`` naming the bad option."""
-    for name in ("learning_rate", "budget", "threshold", "rank_loss_weight", "progressive_fraction"):
+    for name in (
+        "learning_rate",
+        "budget",
+        "threshold",
+        "rank_loss_weight",
+        "progressive_fraction",
+        "min_snr_gamma",
+        "caption_dropout",
+        "ema_decay",
+    ):
         if not math.isfinite(options[name]):
             raise ValueError(f"{name} must be a finite number, got {options[name]}")
     steps = options["steps"]
@@ -249,6 +308,10 @@ def settings_from_options(options: dict) -> TrainSettings:
         autocast_dtype=None if options["training_dtype"] == "fp32" else DTYPES[options["training_dtype"]],
         gradient_checkpointing=options["gradient_checkpointing"],
         existing=existing,
+        timestep_sampling=options["timestep_sampling"],
+        min_snr_gamma=options["min_snr_gamma"],
+        caption_dropout=options["caption_dropout"],
+        ema_decay=options["ema_decay"],
     )
 
 
@@ -268,23 +331,28 @@ class PeriodicSaver:
 
     def maybe_save(self, report: StepReport) -> None:
         if self.every and report.step % self.every == 0:
-            self.save(report.step, report.current_delta())
+            ema = report.current_ema_delta() if report.current_ema_delta is not None else None
+            self.save(report.step, report.current_delta(), ema)
 
-    def save(self, step: int, delta: SparseDelta) -> None:
+    def save(self, step: int, delta: SparseDelta, ema_delta: SparseDelta | None = None) -> None:
+        """Writes ``..._step<N>.safetensors`` and, given ``ema_delta``, ``..._step<N>_ema.safetensors``."""
         if not self.every:
             return
         tag = f"step{step:0{self.digits}d}"
         if self.run_stem is None:
             self.run_stem = numbered_path(sara_folder(), self.prefix, tag).removesuffix(f"{tag}.safetensors")
-        path = f"{self.run_stem}{tag}.safetensors"
-        delta.save(path, dtype=torch.float16)
-        log.info("SaRA Train: saved %s", path)
+        for suffix, saved in (("", delta), ("_ema", ema_delta)):
+            if saved is not None:
+                path = f"{self.run_stem}{tag}{suffix}.safetensors"
+                saved.save(path, dtype=torch.float16)
+                log.info("SaRA Train: saved %s", path)
 
 
 def training_metadata(
-    model, data: TrainingSet, options: dict, settings: TrainSettings, losses: list[float], seconds: float
+    model, data: TrainingSet, options: dict, settings: TrainSettings, outcome: TrainOutcome, seconds: float
 ) -> dict[str, str]:
     """What a saved delta records about how it was made (strings, for safetensors metadata)."""
+    losses = outcome.losses
     steps_done = len(losses)
     metadata = {
         "trainer": f"comfyui-sara SaRA Train {sara_train.__version__}",
@@ -293,6 +361,7 @@ def training_metadata(
         "images": str(data.num_images),
         "training_seconds": f"{seconds:.1f}",
         "final_loss": f"{losses[-1]:.6g}" if losses else "",
+        "captions_dropped": f"{outcome.captions_dropped} of {outcome.images_drawn}",
     }
     for name in (
         "steps",
@@ -307,6 +376,10 @@ def training_metadata(
         "training_dtype",
         "gradient_checkpointing",
         "existing_delta",
+        "timestep_sampling",
+        "min_snr_gamma",
+        "caption_dropout",
+        "ema_decay",
     ):
         metadata[f"option_{name}"] = str(options[name])
     if settings.existing is not None:

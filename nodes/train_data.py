@@ -3,7 +3,9 @@
 Inputs arrive as lists (the node has ``is_input_list``): one LATENT holding a batch, or several
 LATENTs (e.g. from a list-producing loader); one CONDITIONING shared by every image, or one per
 image (several CONDITIONINGs, or one CONDITIONING with exactly one entry per image, the
-convention of ComfyUI's own Train LoRA node).
+convention of ComfyUI's own Train LoRA node). A dropped caption (caption dropout) trains with the
+``dropout_conditioning``: the node's optional input, else the first conditioning zeroed as
+ComfyUI's Conditioning Zero Out does.
 """
 
 from __future__ import annotations
@@ -27,13 +29,17 @@ class TrainingSet:
     buckets: list[Bucket]
     conditionings: list[list]
     """Each a ComfyUI CONDITIONING: a list of ``[tensor, dict]`` entries used together."""
+    dropout_conditioning: list
+    """The CONDITIONING an image trains with when its caption is dropped."""
 
     @property
     def num_images(self) -> int:
         return sum(len(b.conditioning_ids) for b in self.buckets)
 
 
-def build_training_set(latents: list[dict], conditionings: list[list]) -> TrainingSet:
+def build_training_set(
+    latents: list[dict], conditionings: list[list], dropout_conditioning: list | None = None
+) -> TrainingSet:
     """Check the node's inputs and group the images by latent shape.
 
     Raises ``ValueError`` naming the problem: no images, all-zero latents (an Empty Latent Image
@@ -60,6 +66,10 @@ def build_training_set(latents: list[dict], conditionings: list[list]) -> Traini
 
     for number, conditioning in enumerate(conditionings, start=1):
         _check_conditioning(conditioning, number)
+    if dropout_conditioning is None:
+        dropout_conditioning = zeroed(conditionings[0])
+    else:
+        _check_conditioning(dropout_conditioning, "dropout")
     if len(conditionings) == 1 and len(conditionings[0]) == len(images) > 1:
         conditionings = [[entry] for entry in conditionings[0]]
     if len(conditionings) == 1:
@@ -79,10 +89,21 @@ def build_training_set(latents: list[dict], conditionings: list[list]) -> Traini
         Bucket(torch.stack([images[i] for i in indices]).float(), [conditioning_ids[i] for i in indices])
         for indices in by_shape.values()
     ]
-    return TrainingSet(buckets, conditionings)
+    return TrainingSet(buckets, conditionings, dropout_conditioning)
 
 
-def _check_conditioning(conditioning, number: int) -> None:
+def zeroed(conditioning: list) -> list:
+    """``conditioning`` with its embeddings and pooled output set to zeros (Conditioning Zero Out)."""
+    entries = []
+    for tensor, extras in conditioning:
+        extras = dict(extras)
+        if isinstance(extras.get("pooled_output"), torch.Tensor):
+            extras["pooled_output"] = torch.zeros_like(extras["pooled_output"])
+        entries.append([torch.zeros_like(tensor), extras])
+    return entries
+
+
+def _check_conditioning(conditioning, number: int | str) -> None:
     if not isinstance(conditioning, list) or not conditioning:
         raise ValueError(f"conditioning {number} is empty or not a CONDITIONING")
     for entry in conditioning:

@@ -2,10 +2,12 @@
 
 ``CFGGuider.sample`` loads the model, prepares the conditioning for the model type and calls
 ``SaRATrainSampler.sample``. There, SaRA is injected into the loaded diffusion model in place
-(ComfyUI model clones share one module), each step draws sigmas with
-``model_sampling.percent_to_sigma``, noises latents with ``model_sampling.noise_scaling``, predicts
-the clean latent through the guider (ComfyUI's model wrapper) and takes the MSE in the model's own
-output space (``x0_per_model_output``). Afterwards the learned update is taken as a
+(ComfyUI model clones share one module), each step draws timestep fractions u (uniform,
+logit-normal or mode: ``sara_train.trainer.timesteps``) and maps them to sigmas with
+``model_sampling.percent_to_sigma(1 - u)`` (which applies the model's own shift), noises latents
+with ``model_sampling.noise_scaling``, predicts the clean latent through the guider (ComfyUI's
+model wrapper) and takes the MSE in the model's own output space (``x0_per_model_output``),
+optionally weighted by min-SNR-γ. Afterwards the learned update (and its EMA) is taken as a
 ``SparseDelta`` and the shared weights are restored bit-exactly.
 """
 
@@ -19,16 +21,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import comfy.model_management
+import comfy.model_sampling
 import comfy.samplers
 import comfy.utils
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
 import sara_train
 from sara_train import SaRAConfig, SparseDelta
 from sara_train.engine.inplace import out_of_place_augmented_assignments
+from sara_train.trainer.timesteps import TimestepSampling, draw_fractions, snr_weights
 
 from .train_data import Bucket, TrainingSet
 
@@ -53,6 +56,14 @@ class TrainSettings:
     gradient_checkpointing: bool
     existing: SparseDelta | None = None
     """A delta to continue from: added to the weights first and included in the result."""
+    timestep_sampling: TimestepSampling = "uniform"
+    """How the noise levels are drawn (the model's shift is applied by its ``percent_to_sigma``)."""
+    min_snr_gamma: float = 0.0
+    """Min-SNR-γ loss weighting for ε/v/x₀-prediction models (0: off)."""
+    caption_dropout: float = 0.0
+    """Probability that an image trains with the dropout conditioning instead of its own."""
+    ema_decay: float = 0.0
+    """Decay of the sparse EMA of the learned update (0: no EMA)."""
 
 
 @dataclass
@@ -65,6 +76,12 @@ class TrainOutcome:
     num_trainable: int
     stopped_early: str | None = None
     """Why training ended before ``steps`` without a cancel (the progressive step froze every entry)."""
+    ema_delta: SparseDelta | None = None
+    """The EMA of the learned update (including ``existing``) when ``ema_decay`` > 0."""
+    captions_dropped: int = 0
+    """Images that trained with the dropout conditioning."""
+    images_drawn: int = 0
+    """Images drawn in all micro-batches."""
 
     @property
     def steps_done(self) -> int:
@@ -77,6 +94,8 @@ class StepReport:
     loss: float
     current_delta: Callable[[], SparseDelta]
     """Builds the delta learned so far (costs a copy of the values; call it only to save)."""
+    current_ema_delta: Callable[[], SparseDelta] | None = None
+    """Builds the EMA delta so far (None without EMA)."""
 
 
 @dataclass
@@ -84,7 +103,9 @@ class SaRATrainSampler(comfy.samplers.Sampler):
     """A ``comfy.samplers.Sampler`` whose ``sample`` trains instead of sampling.
 
     ``conditioning_slices[i]`` is the slice of the guider's flat positive conditioning that
-    belongs to ``data.conditionings[i]``. ``on_step(report)`` runs after every optimizer step;
+    belongs to ``data.conditionings[i]``; ``dropout_slice`` that of the conditioning a dropped
+    caption trains with (required when ``settings.caption_dropout`` > 0). ``on_step(report)`` runs
+    after every optimizer step;
     ``should_stop()`` before every step (the Cancel button). The result is in ``outcome``.
     """
 
@@ -93,7 +114,10 @@ class SaRATrainSampler(comfy.samplers.Sampler):
     conditioning_slices: list[slice]
     on_step: Callable[[StepReport], None]
     should_stop: Callable[[], bool]
+    dropout_slice: slice | None = None
     outcome: TrainOutcome | None = field(default=None, init=False)
+    captions_dropped: int = field(default=0, init=False)
+    images_drawn: int = field(default=0, init=False)
 
     def sample(
         self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False
@@ -105,10 +129,11 @@ class SaRATrainSampler(comfy.samplers.Sampler):
             Bucket(base_model.process_latent_in(b.latents.to(device)), b.conditioning_ids) for b in self.data.buckets
         ]
         all_conds = model_wrap.conds["positive"]
-        if len(all_conds) != self.conditioning_slices[-1].stop:
-            raise RuntimeError(
-                f"ComfyUI prepared {len(all_conds)} conditioning entries, expected {self.conditioning_slices[-1].stop}"
-            )
+        expected = max(s.stop for s in [*self.conditioning_slices, self.dropout_slice] if s is not None)
+        if len(all_conds) != expected:
+            raise RuntimeError(f"ComfyUI prepared {len(all_conds)} conditioning entries, expected {expected}")
+        if self.settings.min_snr_gamma:
+            prediction_type_of(base_model.model_sampling)  # refuses flow models before any step
         with contextlib.ExitStack() as cleanup:
             make_trainable_tensors(network)
             existing = self.settings.existing
@@ -128,9 +153,16 @@ class SaRATrainSampler(comfy.samplers.Sampler):
             if self.settings.gradient_checkpointing:
                 cleanup.enter_context(checkpointed_blocks(network))
 
-            def current_delta() -> SparseDelta:
-                learned = handle.delta()
+            ema = sara_train.SparseEMA(handle, self.settings.ema_decay) if self.settings.ema_decay else None
+
+            def with_existing(learned: SparseDelta) -> SparseDelta:
                 return learned if existing is None else SparseDelta.stack([existing, learned], check_base=False)
+
+            def current_delta() -> SparseDelta:
+                return with_existing(handle.delta())
+
+            def current_ema_delta() -> SparseDelta:
+                return with_existing(ema.delta())
 
             generator = torch.Generator().manual_seed(self.settings.seed)
             losses: list[float] = []
@@ -161,8 +193,10 @@ class SaRATrainSampler(comfy.samplers.Sampler):
                         )
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
+                    if ema is not None:
+                        ema.update()
                     losses.append(loss)
-                    self.on_step(StepReport(step, loss, current_delta))
+                    self.on_step(StepReport(step, loss, current_delta, current_ema_delta if ema else None))
                     if handle.num_trainable == 0:
                         stopped_early = (
                             f"the progressive step after step {step} left no entry trainable (every "
@@ -171,44 +205,83 @@ class SaRATrainSampler(comfy.samplers.Sampler):
                         break
             finally:
                 model_wrap.conds["positive"] = all_conds
-            self.outcome = TrainOutcome(current_delta(), losses, cancelled, handle.num_trainable, stopped_early)
+            self.outcome = TrainOutcome(
+                current_delta(),
+                losses,
+                cancelled,
+                handle.num_trainable,
+                stopped_early,
+                current_ema_delta() if ema is not None and ema.updates else None,
+                self.captions_dropped,
+                self.images_drawn,
+            )
         return torch.zeros_like(latent_image)
 
     def _micro_batch(
         self, model_wrap, extra_args, buckets: list[Bucket], all_conds: list, generator: torch.Generator
     ) -> float:
-        """Forward and backward one batch (scaled for accumulation); returns its mean loss."""
+        """Forward and backward one batch (scaled for accumulation); returns its mean loss.
+
+        Draws from ``generator``, in order: the bucket, its rows, their timestep fractions, their
+        noise, and one caption-dropout number per row (drawn at every rate, so the other draws do
+        not depend on it)."""
+        settings = self.settings
         sizes = torch.tensor([len(b.conditioning_ids) for b in buckets], dtype=torch.float)
         bucket = buckets[int(torch.multinomial(sizes, 1, generator=generator))]
-        rows = torch.randperm(len(bucket.conditioning_ids), generator=generator)[: self.settings.batch_size]
+        rows = torch.randperm(len(bucket.conditioning_ids), generator=generator)[: settings.batch_size]
         model_sampling = model_wrap.inner_model.model_sampling
-        percents = torch.rand(len(rows), generator=generator).clamp(PERCENT_MARGIN, 1 - PERCENT_MARGIN)
+        fractions = draw_fractions(settings.timestep_sampling, len(rows), generator)
+        percents = (1 - fractions).clamp(PERCENT_MARGIN, 1 - PERCENT_MARGIN)
         device = bucket.latents.device
         sigma = torch.tensor([float(model_sampling.percent_to_sigma(float(p))) for p in percents], device=device)
         noise = torch.randn((len(rows), *bucket.latents.shape[1:]), generator=generator).to(device)
+        dropped = torch.rand(len(rows), generator=generator) < settings.caption_dropout
         clean = bucket.latents[rows.to(device)]
         noisy = model_sampling.noise_scaling(sigma, noise, clean, False)
         target = model_sampling.noise_scaling(torch.zeros_like(sigma), torch.zeros_like(noise), clean, False)
         output_scale = x0_per_model_output(model_sampling, sigma, clean)
+        weights = torch.ones(len(rows), device=device)
+        if settings.min_snr_gamma:
+            snr = getattr(model_sampling, "sigma_data", 1.0) ** 2 / sigma.double() ** 2
+            weights = snr_weights(snr, settings.min_snr_gamma, prediction_type_of(model_sampling)).to(device)
+        self.images_drawn += len(rows)
+        self.captions_dropped += int(dropped.sum())
 
         total = 0.0
+        slices = [*self.conditioning_slices, self.dropout_slice]  # a dropped caption's conditioning: -1
         groups: dict[int, list[int]] = {}
-        for position, row in enumerate(rows.tolist()):
-            groups.setdefault(bucket.conditioning_ids[row], []).append(position)
+        for position, (row, drop) in enumerate(zip(rows.tolist(), dropped.tolist())):
+            groups.setdefault(-1 if drop else bucket.conditioning_ids[row], []).append(position)
         for conditioning_id, positions in groups.items():
-            model_wrap.conds["positive"] = all_conds[self.conditioning_slices[conditioning_id]]
+            model_wrap.conds["positive"] = all_conds[slices[conditioning_id]]
             index = torch.tensor(positions, device=device)
-            dtype = self.settings.autocast_dtype
+            dtype = settings.autocast_dtype
             with (
                 torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
                 out_of_place_augmented_assignments(),
             ):
                 prediction = model_wrap(noisy[index], sigma[index], **extra_args)
-            loss = F.mse_loss(prediction.float() / output_scale[index], target[index].float() / output_scale[index])
+            errors = ((prediction.float() - target[index].float()) / output_scale[index]).square()
+            loss = (errors.flatten(1).mean(1) * weights[index]).mean()
             share = len(positions) / len(rows)
-            (loss * (share / self.settings.grad_accumulation)).backward()
+            (loss * (share / settings.grad_accumulation)).backward()
             total += float(loss.detach()) * share
         return total
+
+
+def prediction_type_of(model_sampling) -> str:
+    """The min-SNR prediction type of a ComfyUI ``model_sampling`` ("epsilon", "v_prediction" or
+    "sample"); ``ValueError`` for flow-matching and EDM models, where min-SNR-γ does not apply."""
+    kinds = comfy.model_sampling
+    if not isinstance(model_sampling, kinds.EDM):
+        for kind, name in ((kinds.X0, "sample"), (kinds.V_PREDICTION, "v_prediction"), (kinds.EPS, "epsilon")):
+            if isinstance(model_sampling, kind):
+                return name
+    raise ValueError(
+        f"min-SNR weighting is for epsilon-, v- and x0-prediction models; this model samples with "
+        f"{type(model_sampling).__name__} (flow matching or EDM): set min_snr_gamma to 0 or use "
+        "timestep_sampling instead"
+    )
 
 
 def selection_for(network: nn.Module, selection: SaRAConfig, autocast_dtype: torch.dtype | None) -> SaRAConfig:

@@ -3,6 +3,7 @@ locally: the objective against diffusers' own scheduler and packing, then the CL
 naming with fused q/k/v, samples, validation, EMA), a bit-identical resume after Ctrl-C, and a merge into
 the single transformer file it was trained from that equals base + delta."""
 
+import json
 import os
 import subprocess
 import sys
@@ -232,3 +233,46 @@ def test_an_fp8_transformer_file_loads_as_its_values(pipelines: dict[str, Path],
     for key, tensor in loaded.items():
         assert tensor.dtype == torch.float32
         assert torch.equal(tensor, reference[key].to(torch.float8_e4m3fn).float()), key
+
+
+@pytest.mark.parametrize("source", ["folder", "fp8 file"])
+def test_bf16_loads_the_denoiser_and_text_encoders_in_bf16_and_the_vae_in_fp32(
+    pipelines: dict[str, Path], tmp_path: Path, source: str
+) -> None:
+    """``load_base(dtype=bf16)`` (what --mixed-precision bf16 loads): the transformer and text encoders
+    hold the fp32 base's values rounded to bf16; the VAE keeps its fp32 values."""
+    from safetensors.torch import save_file
+
+    folder = pipelines["flux"]
+    reference = load_base(folder)
+    path = folder
+    if source == "fp8 file":
+        original = original_state(flux.NAMING, reference.denoiser.state_dict())
+        save_file(
+            {key: tensor.to(torch.float8_e4m3fn) for key, tensor in original.items()}, tmp_path / "f8.safetensors"
+        )
+        path = tmp_path / "f8.safetensors"
+    loaded = load_base(path, config_dir=folder, dtype=torch.bfloat16)
+    expected_denoiser = reference.denoiser.state_dict()
+    for key, tensor in loaded.denoiser.state_dict().items():
+        value = (
+            expected_denoiser[key].to(torch.float8_e4m3fn).float() if source == "fp8 file" else expected_denoiser[key]
+        )
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, value.bfloat16()), key
+    for got, want in zip(loaded.text_encoders, reference.text_encoders):
+        assert all(p.dtype == torch.bfloat16 for p in got.parameters())
+        assert torch.equal(next(got.parameters()), next(want.parameters()).bfloat16())
+    for (key, tensor), want in zip(loaded.vae.state_dict().items(), reference.vae.state_dict().values()):
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, want), key
+    assert loaded.fingerprint != reference.fingerprint  # cached encodings of one dtype are not reused for another
+
+
+def test_bf16_training_runs_from_a_bf16_load(pipelines: dict[str, Path], image_folder: Path, tmp_path: Path) -> None:
+    result = sara_train_cli(
+        *train_args(pipelines["sd3"], image_folder, tmp_path / "out", "--mixed-precision", "bf16", "--steps", "2")
+    )
+    assert result.returncode == 0, result.stderr
+    delta = read_delta(tmp_path / "out" / "sara_delta.safetensors")
+    assert json.loads(delta.metadata["config"])["mixed_precision"] == "bf16"
+    values = torch.cat([layer.values.float() for layer in delta.layers.values()])
+    assert torch.isfinite(values).all() and values.abs().sum() > 0

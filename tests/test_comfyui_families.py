@@ -30,7 +30,7 @@ from tools.comfyui_graphs import (
     with_save,
 )
 from tools.comfyui_models import write_model
-from tools.comfyui_server import ComfyUIServer
+from tools.comfyui_server import ComfyUIServer, execution_error
 
 
 @dataclass(frozen=True)
@@ -230,3 +230,16 @@ def test_comfyui_lora_loader_samples_the_exact_export_like_the_train_output(serv
     server.run_ok(graph)
     assert torch.equal(latent(server, f"{name}_lora_loader"), latent(server, f"{name}_trained"))
     assert "lora key not loaded: lora_unet_" not in server.read_log()
+
+
+def test_flow_models_train_with_logit_normal_timesteps_and_refuse_min_snr(server) -> None:
+    """SD3 (flow matching): logit-normal sampling changes the draws of the same seed (another first loss);
+    min-SNR weighting, defined for epsilon/v models, is a node error naming why."""
+    uniform = server.run_ok(family_train_graph("sd3", "sd3.safetensors", 1, save_prefix="sd3_uniform"))
+    logit = server.run_ok(
+        family_train_graph("sd3", "sd3.safetensors", 1, timestep_sampling="logit_normal", save_prefix="sd3_logit")
+    )
+    assert uniform["outputs"]["train"]["sara_loss"] != logit["outputs"]["train"]["sara_loss"]
+    entry = server.run(family_train_graph("sd3", "sd3.safetensors", 1, min_snr_gamma=5.0, save_prefix="sd3_snr"))
+    assert entry["status"]["status_str"] == "error"
+    assert "min-SNR weighting is for epsilon-, v- and x0-prediction models" in execution_error(entry)

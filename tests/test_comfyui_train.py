@@ -62,6 +62,11 @@ def test_object_info_lists_every_node_with_its_inputs(comfy) -> None:
             "save_every",
             "save_prefix",
             "existing_delta",
+            "timestep_sampling",
+            "min_snr_gamma",
+            "caption_dropout",
+            "ema_decay",
+            "dropout_conditioning",
         },
         "SaRASave": {"delta", "filename_prefix", "values_dtype"},
         "SaRALoader": {"model", "delta_name", "strength"},
@@ -76,7 +81,8 @@ def test_object_info_lists_every_node_with_its_inputs(comfy) -> None:
         assert info["category"] == "sara"
         assert inputs <= set(info["input"]["required"]) | set(info["input"].get("optional", {})), node
     train = server.get("/object_info/SaRATrain")["SaRATrain"]
-    assert train["output"] == ["MODEL", "SARA_DELTA", "LOSS_MAP"]
+    assert train["output"] == ["MODEL", "SARA_DELTA", "LOSS_MAP", "SARA_DELTA"]
+    assert train["output_name"][3] == "ema_delta"
 
 
 def test_training_lowers_the_loss_on_the_same_draws(comfy, trained) -> None:
@@ -233,6 +239,71 @@ def test_default_bf16_training_runs_and_learns(comfy) -> None:
     assert delta.metadata["option_training_dtype"] == "bf16"
     values = torch.cat([layer.values.float() for layer in delta.layers.values()])
     assert torch.isfinite(values).all() and (values != 0).float().mean() > 0.5
+
+
+def test_ema_delta_is_the_closed_form_of_the_per_step_deltas(comfy) -> None:
+    """With decay d, the ema_delta output equals sum_t (1 - d) d^(T-t) delta_t over the deltas saved after
+    every step (fp16), on the same entries; the periodic saves write the EMA beside each delta. Run
+    with logit-normal timesteps and min-SNR weighting (an epsilon model)."""
+    server, _ = comfy
+    decay, steps = 0.6, 4
+    graph = train_graph(
+        steps=steps,
+        save_every=1,
+        save_prefix="ema_run",
+        ema_decay=decay,
+        progressive_fraction=0.0,
+        timestep_sampling="logit_normal",
+        min_snr_gamma=5.0,
+    )
+    graph["save_ema"] = {
+        "class_type": "SaRASave",
+        "inputs": {"delta": ["train", 3], "filename_prefix": "ema_out", "values_dtype": "fp32"},
+    }
+    server.run_ok(graph)
+    folder = server.base / "models" / "sara"
+    per_step = [sara_train.SparseDelta.load(p) for p in sorted(folder.glob("ema_run_*_step?.safetensors"))]
+    assert len(per_step) == steps
+    ema = sara_train.SparseDelta.load(saved_delta(server.base, "ema_out"))
+    [periodic_ema] = [sara_train.SparseDelta.load(p) for p in folder.glob(f"ema_run_*_step{steps}_ema.safetensors")]
+    assert ema.metadata["ema_updates"] == str(steps) and ema.metadata["option_min_snr_gamma"] == "5.0"
+    assert ema.layers.keys() == per_step[-1].layers.keys()
+    for key, layer in ema.layers.items():
+        expected = sum(
+            (1 - decay) * decay ** (steps - t) * per_step[t - 1].layers[key].values.float()
+            for t in range(1, steps + 1)
+        )
+        assert torch.equal(layer.flat_indices, per_step[-1].layers[key].flat_indices), key
+        largest = max(float(delta.layers[key].values.float().abs().max()) for delta in per_step)
+        torch.testing.assert_close(layer.values, expected, rtol=2e-3, atol=largest * 2**-11)  # fp16 saves
+        assert torch.equal(periodic_ema.layers[key].values, layer.values.half()), key
+    assert not torch.allclose(ema.layers[key].values, per_step[-1].layers[key].values.float(), atol=1e-6)
+
+
+def test_caption_dropout_trains_with_the_dropout_conditioning_at_its_rate(comfy) -> None:
+    """Rate 1 with a dropout conditioning B learns exactly what rate 0 with prompt B learns (the dropout
+    draws never move the other draws); a seeded run at rate 0.3 drops close to 30% of the images."""
+    server, _ = comfy
+    blue = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "a blue square"}}
+    all_dropped = train_graph(steps=3, caption_dropout=1.0)
+    all_dropped["blue"] = blue
+    all_dropped["train"]["inputs"]["dropout_conditioning"] = ["blue", 0]
+    server.run_ok(with_save(all_dropped, "all_dropped"))
+    prompted = train_graph(steps=3)
+    prompted["blue"] = blue
+    prompted["train"]["inputs"]["positive"] = ["blue", 0]
+    server.run_ok(with_save(prompted, "prompt_blue"))
+    dropped = sara_train.SparseDelta.load(saved_delta(server.base, "all_dropped"))
+    reference = sara_train.SparseDelta.load(saved_delta(server.base, "prompt_blue"))
+    assert dropped.metadata["captions_dropped"] == "6 of 6" and reference.metadata["captions_dropped"] == "0 of 6"
+    for key, layer in reference.layers.items():
+        assert torch.equal(dropped.layers[key].values, layer.values), key
+
+    server.run_ok(with_save(train_graph(steps=25, learning_rate=1e-8, caption_dropout=0.3), "rate_run"))
+    count, _, drawn = (
+        sara_train.SparseDelta.load(saved_delta(server.base, "rate_run")).metadata["captions_dropped"].split()
+    )
+    assert drawn == "50" and 0.15 <= int(count) / 50 <= 0.45, count  # 0.3 +- 2.3 standard deviations
 
 
 def nan_clip_lora(path) -> None:

@@ -64,3 +64,16 @@ def test_one_conditioning_with_an_entry_per_image_is_split_per_image() -> None:
 def test_bad_inputs_name_the_problem(latents, conds, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build_training_set(latents, conds)
+
+
+def test_dropped_captions_train_with_the_given_conditioning_or_the_first_zeroed() -> None:
+    latents = [{"samples": torch.randn(2, 4, 8, 8)}]
+    first = [[torch.full((1, 77, 8), 2.0), {"pooled_output": torch.ones(1, 8), "width": 64}]]
+    data = build_training_set(latents, [first, conditioning(3.0)])
+    [(tensor, extras)] = data.dropout_conditioning
+    assert tensor.shape == (1, 77, 8) and not tensor.any() and not extras["pooled_output"].any()
+    assert extras["width"] == 64 and first[0][1]["pooled_output"].all()  # the input is not changed
+    empty = conditioning(0.5)
+    assert build_training_set(latents, [first], empty).dropout_conditioning is empty
+    with pytest.raises(ValueError, match="conditioning dropout contains NaN"):
+        build_training_set(latents, [first], conditioning(float("nan")))

@@ -32,6 +32,10 @@ def sara_train_inputs(**overrides) -> dict:
         "save_every": 0,
         "save_prefix": "run",
         "existing_delta": "[None]",
+        "timestep_sampling": "uniform",
+        "min_snr_gamma": 0.0,
+        "caption_dropout": 0.0,
+        "ema_decay": 0.0,
     }
     inputs.update(overrides)
     return inputs

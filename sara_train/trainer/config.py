@@ -23,7 +23,7 @@ import torch
 
 from ..engine.delta import DTYPES
 from ..engine.errors import SaRAError
-from .objective import TIMESTEP_SAMPLINGS
+from .timesteps import TIMESTEP_SAMPLINGS
 from .tracking import TRACKERS
 
 GROUPS = ("inputs", "images", "optimisation", "sara", "outputs")

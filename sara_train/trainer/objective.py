@@ -20,16 +20,12 @@ from typing import Any, Literal
 
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-from diffusers.training_utils import compute_density_for_timestep_sampling
 from einops import rearrange
 from torch import nn
 
 from ..engine.errors import SaRAError
+from .timesteps import TIMESTEP_SAMPLINGS, TimestepSampling, draw_fractions, min_snr_weights
 from .types import TrainingExample
-from .weighting import min_snr_weights
-
-TimestepSampling = Literal["uniform", "logit_normal", "mode"]
-TIMESTEP_SAMPLINGS: tuple[str, ...] = ("uniform", "logit_normal", "mode")
 
 
 class Objective(ABC):
@@ -97,7 +93,7 @@ def training_target(
 class DenoisingObjective(Objective):
     """DDPM noising for ``UNet2DConditionModel``s. ``noise_scheduler``: a ``DDPMScheduler`` (its
     betas, ``num_train_timesteps`` and ``prediction_type``). ``snr_gamma`` > 0 weights each example
-    by min-SNR-γ (``weighting.min_snr_weights``)."""
+    by min-SNR-γ (``timesteps.min_snr_weights``)."""
 
     def __init__(self, noise_scheduler, snr_gamma: float = 0.0) -> None:
         self.noise_scheduler, self.snr_gamma = noise_scheduler, snr_gamma
@@ -145,7 +141,7 @@ class FlowMatchingObjective(Objective):
     ``use_dynamic_shifting``, ``base_shift``/``max_shift`` over ``base_image_seq_len``/
     ``max_image_seq_len`` tokens) is the shift s unless ``shift`` overrides it. ``sampling`` draws u:
     ``uniform``, ``logit_normal`` (sigmoid of N(``logit_mean``, ``logit_std``)) or ``mode``
-    (``mode_scale``), as in the SD3 paper (diffusers' ``compute_density_for_timestep_sampling``).
+    (``mode_scale``), as in the SD3 paper (``timesteps.draw_fractions``).
     ``guidance``: the value of Flux's distilled-guidance input for models that have one.
     Timesteps handed around are the draws u; σ is formed per batch (``sigmas``).
     """
@@ -170,9 +166,7 @@ class FlowMatchingObjective(Objective):
         self.shift, self.guidance = shift, guidance
 
     def draw_timesteps(self, count: int, generator: torch.Generator) -> torch.Tensor:
-        return compute_density_for_timestep_sampling(
-            self.sampling, count, self.logit_mean, self.logit_std, self.mode_scale, generator=generator
-        ).clamp(0.0, 1.0)
+        return draw_fractions(self.sampling, count, generator, self.logit_mean, self.logit_std, self.mode_scale)
 
     def spread_timesteps(self, count: int) -> torch.Tensor:
         return (torch.arange(count, dtype=torch.float32) + 0.5) / count

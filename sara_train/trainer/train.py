@@ -90,10 +90,10 @@ def train(config: TrainConfig) -> TrainResult:
             if config.resume and saved_data_fingerprint(folder) not in (None, fingerprint):
                 raise SaRAError(data_changed_message(folder, f"training data in {config.data}"))
             doing = "loading the base model"
-            base = load_base(
+            base = load_base(  # bf16 training loads in bf16 (half the memory); fp16 text encoders overflow
                 config.base,
                 config_dir=config.base_config,
-                dtype=torch.float32,
+                dtype=torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32,
                 device=device,
                 text_tokens=config.text_tokens,
             )
