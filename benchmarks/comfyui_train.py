@@ -87,6 +87,10 @@ def train_node(method: str, steps: int, rank: int) -> dict:
                 "save_every": 0,
                 "save_prefix": "bench",
                 "existing_delta": "[None]",
+                "timestep_sampling": "uniform",
+                "min_snr_gamma": 0.0,
+                "caption_dropout": 0.0,
+                "ema_decay": 0.0,
             },
         }
     return {

@@ -69,13 +69,12 @@ import comfy.model_management as mm
 import comfy.sd
 from nodes.train import settings_from_options, train
 from nodes.train_data import build_training_set
+from tools.comfyui_graphs import sara_train_inputs
 
 generator = torch.Generator().manual_seed(0)
 data = build_training_set([{"samples": torch.randn(2, 4, 8, 8, generator=generator)}],
                           [[[torch.randn(1, 77, 768, generator=generator), {}]]])
-options = {"steps": 3, "batch_size": 2, "grad_accumulation": 1, "learning_rate": 1e-2, "budget": 0.05,
-           "threshold": 0.0, "rank_loss_weight": 1e-4, "progressive_fraction": 0.5, "seed": 3,
-           "training_dtype": "fp32", "gradient_checkpointing": True, "existing_delta": "[None]"}
+options = sara_train_inputs(steps=3, seed=3)
 
 def run(partial):
     model = comfy.sd.load_diffusion_model(sys.argv[3])
