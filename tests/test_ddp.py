@@ -1,7 +1,6 @@
 """DDP over 2 CPU processes (gloo) equals one process on the whole batch; only the sparse values
 are all-reduced."""
 
-import socket
 from pathlib import Path
 
 import torch
@@ -32,8 +31,10 @@ def train(model: nn.Module, params, batch) -> None:
         optimizer.step()
 
 
-def ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def ddp_worker(rank: int, world: int, out_dir: str) -> None:
+    # A file rendezvous: no TCP port to pick (a port chosen free can be taken before the workers bind it).
+    store = Path(out_dir) / "rendezvous"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.manual_seed(0)
     model = TinyNet()
     handle = sara_train.inject(model, sara_train.SaRAConfig(budget=0.1))
@@ -57,14 +58,8 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_ddp_equals_single_process(tmp_path: Path) -> None:
-    mp.spawn(ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     with safe_open(str(tmp_path / "ddp.safetensors"), "pt") as file:
         metadata = file.metadata()
         ddp_values = {name: file.get_tensor(name) for name in file.keys()}
