@@ -264,7 +264,7 @@ def train(
     for conditioning in [*data.conditionings, data.dropout_conditioning]:
         slices.append(slice(len(flat_conditioning), len(flat_conditioning) + len(conditioning)))
         flat_conditioning.extend(conditioning)
-    sampler = SaRATrainSampler(data, settings, slices[:-1], on_step, should_stop, dropout_slice=slices[-1])
+    sampler = SaRATrainSampler(data, settings, slices[:-1], slices[-1], on_step, should_stop)
     guider = comfy_extras.nodes_custom_sampler.Guider_Basic(patcher)
     guider.set_conds(flat_conditioning)
     shape = (1, *data.buckets[0].latents.shape[1:])

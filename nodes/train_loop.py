@@ -103,18 +103,17 @@ class SaRATrainSampler(comfy.samplers.Sampler):
     """A ``comfy.samplers.Sampler`` whose ``sample`` trains instead of sampling.
 
     ``conditioning_slices[i]`` is the slice of the guider's flat positive conditioning that
-    belongs to ``data.conditionings[i]``; ``dropout_slice`` that of the conditioning a dropped
-    caption trains with (required when ``settings.caption_dropout`` > 0). ``on_step(report)`` runs
-    after every optimizer step;
+    belongs to ``data.conditionings[i]``; ``dropout_slice`` that of ``data.dropout_conditioning``,
+    which a dropped caption trains with. ``on_step(report)`` runs after every optimizer step;
     ``should_stop()`` before every step (the Cancel button). The result is in ``outcome``.
     """
 
     data: TrainingSet
     settings: TrainSettings
     conditioning_slices: list[slice]
+    dropout_slice: slice
     on_step: Callable[[StepReport], None]
     should_stop: Callable[[], bool]
-    dropout_slice: slice | None = None
     outcome: TrainOutcome | None = field(default=None, init=False)
     captions_dropped: int = field(default=0, init=False)
     images_drawn: int = field(default=0, init=False)
@@ -129,7 +128,7 @@ class SaRATrainSampler(comfy.samplers.Sampler):
             Bucket(base_model.process_latent_in(b.latents.to(device)), b.conditioning_ids) for b in self.data.buckets
         ]
         all_conds = model_wrap.conds["positive"]
-        expected = max(s.stop for s in [*self.conditioning_slices, self.dropout_slice] if s is not None)
+        expected = self.dropout_slice.stop  # the dropout conditioning comes last
         if len(all_conds) != expected:
             raise RuntimeError(f"ComfyUI prepared {len(all_conds)} conditioning entries, expected {expected}")
         if self.settings.min_snr_gamma:

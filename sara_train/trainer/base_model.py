@@ -235,8 +235,8 @@ def load_base(
     are not used; for SD3 and Flux the file's transformer is used (a transformer-only file, as
     Flux is released, or a full checkpoint) and the VAE and text encoders come from the folder.
     Every weight is loaded as ``dtype`` onto ``device``, except the VAE's, which stay float32 (a
-    bf16/fp16 VAE loses detail, and SDXL's overflows in fp16); loading in bf16 halves the memory a
-    large base needs while loading (Flux.1's transformer: 24 GB instead of 48). ``text_tokens``: the T5 sequence length
+    bf16/fp16 VAE loses detail, and SDXL's overflows in fp16); loading in bf16 halves the bytes of
+    the weights held while loading. ``text_tokens``: the T5 sequence length
     of SD3/Flux prompts (None: the pipeline's default, 256 for SD3 and 512 for Flux).
     Raises ``SaRAError`` naming the path and the cause: missing path, folder without
     model_index.json, pickle-based files (.ckpt/.pt/.bin; never unpickled), corrupt files, an
