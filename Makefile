@@ -17,7 +17,7 @@ $(PY):
 
 $(VENV)/.installed: pyproject.toml tools/get_comfyui.py | $(PY)
 	$(PY) -c "import torchvision" 2>/dev/null || $(PIP) install -q $(TORCH)
-	$(PIP) install -q -e ".[test,bench,log]"
+	$(PIP) install -q -e ".[test,bench,log,lowmem]"
 	$(PY) -m tools.get_comfyui "$(COMFYUI_DIR)"
 	touch $@
 

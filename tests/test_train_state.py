@@ -9,15 +9,17 @@ from torch import nn
 
 import sara_train
 from sara_train.engine.errors import SaRAError
+from sara_train.engine.optim import SaRAOptimizer, sara_optimizer_class
 from sara_train.trainer.state_file import read_state_file, save_state_file
 
 STEPS, PROGRESSIVE_AT = 6, 3
 
 
-def make_optimizer(seed: int = 0) -> tuple[TinyNet, sara_train.SaRAAdamW]:
+def make_optimizer(seed: int = 0, moments: str = "fp32") -> tuple[TinyNet, SaRAOptimizer]:
     torch.manual_seed(seed)
     model = TinyNet()
-    optimizer = sara_train.SaRAAdamW(
+    extra = {"min_8bit_size": 0} if moments == "8bit" else {}  # the tiny layers' moments quantized too
+    optimizer = sara_optimizer_class(moments)(
         model,
         lr=5e-2,
         budget=0.3,
@@ -25,11 +27,12 @@ def make_optimizer(seed: int = 0) -> tuple[TinyNet, sara_train.SaRAAdamW]:
         rank_layers_per_step=1,
         progressive_at=PROGRESSIVE_AT,
         weight_decay=0.1,
+        **extra,
     )
     return model, optimizer
 
 
-def run_steps(model: nn.Module, optimizer: sara_train.SaRAAdamW, steps: range, batch) -> None:
+def run_steps(model: nn.Module, optimizer: SaRAOptimizer, steps: range, batch) -> None:
     x, y = batch
     for step in steps:
         optimizer.zero_grad()
@@ -44,17 +47,17 @@ def assert_same_delta(got: sara_train.SparseDelta, expected: sara_train.SparseDe
         assert torch.equal(got.layers[name].values, layer.values), name
 
 
-@pytest.mark.parametrize("stop_at", [2, 3, 4])
-def test_resume_is_bit_exact(tmp_path, batch, stop_at: int) -> None:
-    model, optimizer = make_optimizer()
+@pytest.mark.parametrize(("moments", "stop_at"), [("fp32", 2), ("fp32", 3), ("fp32", 4), ("8bit", 2), ("8bit", 4)])
+def test_resume_is_bit_exact(tmp_path, batch, moments: str, stop_at: int) -> None:
+    model, optimizer = make_optimizer(moments=moments)
     run_steps(model, optimizer, range(STEPS), batch)
     expected = optimizer.handle.delta()
 
-    first, first_optimizer = make_optimizer()
+    first, first_optimizer = make_optimizer(moments=moments)
     run_steps(first, first_optimizer, range(stop_at), batch)
     save_state_file(tmp_path / "state.safetensors", first_optimizer.state_dict(), {"note": "test"})
 
-    resumed, resumed_optimizer = make_optimizer()
+    resumed, resumed_optimizer = make_optimizer(moments=moments)
     state, metadata = read_state_file(tmp_path / "state.safetensors")
     assert metadata == {"note": "test"}
     resumed_optimizer.load_state_dict(state)
@@ -62,6 +65,8 @@ def test_resume_is_bit_exact(tmp_path, batch, stop_at: int) -> None:
     torch.testing.assert_close(resumed(batch[0]), first(batch[0]), rtol=0, atol=0)
     run_steps(resumed, resumed_optimizer, range(stop_at, STEPS), batch)
     assert_same_delta(resumed_optimizer.handle.delta(), expected)
+    if moments == "8bit":
+        assert all(state["state1"].dtype == torch.uint8 for state in resumed_optimizer.state.values())
     assert (
         resumed_optimizer.handle.num_trainable == optimizer.handle.num_trainable < 0.3 * optimizer.handle.num_targeted
     )

@@ -5,7 +5,9 @@ selection.py  targets and the exact budget -> sorted int32 flat indices
 sparse.py     SparseUpdate: the sparse-trainable weight (parametrization + autograd function)
 rank_loss.py  the nuclear-norm loss and its gradient at the trainable entries
 handle.py     inject() and SaRAHandle: parameters, rank loss, re-selection, delta, remove
-optim.py      SaRAAdamW, the one-line form (decay of ΔP toward the pretrained weights)
+optim.py      SaRAAdamW, the one-line form (decay of ΔP toward the pretrained weights); 8-bit moments
+optim8bit.py  SaRAAdamW8bit (bitsandbytes, imported on request)
+positions.py  the trained entries' positions, row-compressed (~2 bytes each)
 ema.py        SparseEMA: a moving average of ΔP on the selected entries only
 delta.py      SparseDelta: the file format, stack, scale, summary
 apply.py      the one delta path: fit a delta to any target's names, check it, add it

@@ -64,6 +64,10 @@ class SaRAConfig:
     precision for bf16/fp16). A dtype: the stored weights are never written; each forward uses a
     copy in this dtype with the trained values in place (for weights stored in fp8, or whenever the
     update must not be rounded to the storage dtype). See ``sara_train.engine.sparse``."""
+    base_device: str | None = None
+    """None: the pretrained values of the trained entries stay with the model. A device (``"cpu"``):
+    they are kept there, off the compute device (4 bytes per entry for fp32 weights, 2 for bf16),
+    and read only to form ΔP (rank loss, EMA, weight decay, export) and to restore the weights."""
 
     def __post_init__(self) -> None:
         if self.threshold is not None and self.budget is not None:
@@ -91,6 +95,11 @@ class SaRAConfig:
             )
         if not self.values_dtype.is_floating_point:
             raise SaRAError(f"SaRAConfig: values_dtype must be a float dtype, got {self.values_dtype}")
+        if self.base_device is not None:
+            try:
+                torch.device(self.base_device)
+            except (RuntimeError, TypeError) as error:
+                raise SaRAError(f"SaRAConfig: base_device {self.base_device!r} is not a device ({error})") from None
         if self.probe_size < 1:
             raise SaRAError(f"SaRAConfig: probe_size must be >= 1, got {self.probe_size}")
         for option in ("include", "exclude"):

@@ -29,22 +29,22 @@ class SparseEMA:
         self.decay = decay
         self.updates = 0
         self.averages: dict[str, torch.Tensor] = {
-            name: torch.zeros(update.flat_indices.numel() + update.frozen_indices.numel(), device=update.values.device)
+            name: torch.zeros(update.values.numel() + update.frozen_indices.numel(), device=update.values.device)
             for name, update in handle.layers.items()
         }
         """Per layer, float32 [selected entries] in the order of ``handle.delta()``'s indices (sorted)."""
-        self._orders: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        """Per layer: (trainable indices, frozen indices, the permutation sorting their concatenation);
-        recomputed only when the progressive step or a resume replaces those index tensors."""
+        self._orders: dict[str, tuple[int, torch.Tensor]] = {}
+        """Per layer: (the update's ``selection_version``, the permutation sorting its trainable and
+        frozen indices together); recomputed only when the progressive step or a resume changes them."""
 
     @torch.no_grad()
     def update(self) -> None:
         for name, update in self.handle.layers.items():
             cached = self._orders.get(name)
-            if cached is None or cached[0] is not update.flat_indices or cached[1] is not update.frozen_indices:
+            if cached is None or cached[0] != update.selection_version:
                 order = torch.cat([update.flat_indices, update.frozen_indices]).argsort()
-                cached = self._orders[name] = (update.flat_indices, update.frozen_indices, order)
-            deltas = torch.cat([update.delta_values(), update.frozen_values - update.frozen_base.float()])[cached[2]]
+                cached = self._orders[name] = (update.selection_version, order)
+            deltas = torch.cat([update.delta_values(), update.frozen_deltas()])[cached[1]]
             self.averages[name].mul_(self.decay).add_(deltas.to(self.averages[name].device), alpha=1 - self.decay)
         self.updates += 1
 

@@ -54,6 +54,7 @@ def inject(model: nn.Module, config: SaRAConfig | None = None) -> SaRAHandle:
                 config.values_dtype,
                 config.probe_size,
                 config.overlay_dtype,
+                config.base_device,
             )
             parametrize.register_parametrization(target.module, target.param_name, update, unsafe=True)
             handle.add_layer(target, update)
@@ -102,6 +103,12 @@ class SaRAHandle:
     def parameters(self) -> Iterator[nn.Parameter]:
         for _, values in self.named_parameters():
             yield values
+
+    def values_changed(self) -> None:
+        """Call after changing the values where autograd's version counter does not see it (e.g. a
+        bitsandbytes optimizer kernel): the next forward writes them into the weights."""
+        for update in self.layers.values():
+            update.values_changed()
 
     @property
     def num_trainable(self) -> int:

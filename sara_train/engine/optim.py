@@ -1,5 +1,7 @@
 """``SaRAAdamW``: the paper's one-line form, an AdamW built from the model that does selection,
-the rank loss and the progressive re-selection itself, on top of ``inject``.
+the rank loss and the progressive re-selection itself, on top of ``inject``. ``SaRAOptimizer`` is
+that SaRA part, mixed into an Adam-family optimizer; ``sara_optimizer_class("8bit")`` gives the
+same with 8-bit moments (``sara_train.engine.optim8bit``, needs bitsandbytes).
 
 Weight decay here means decoupled decay of the *update* ΔP = values - pretrained values toward
 zero (i.e. of the trained entries toward their pretrained values): each step first sets
@@ -34,8 +36,14 @@ def check_hyperparameters(
             raise SaRAError(f"SaRAAdamW: {name} must be an int >= 1 or None, got {count!r}")
 
 
-class SaRAAdamW(torch.optim.AdamW):
-    """AdamW over the SaRA values of ``model``.
+MOMENTS = ("fp32", "8bit")
+"""How the optimizer keeps Adam's two moments: fp32 (8 bytes per entry, exact) or 8-bit block-wise
+quantized (2 bytes per entry, bitsandbytes' AdamW8bit)."""
+
+
+class SaRAOptimizer:
+    """The SaRA part of an Adam-family optimizer over the SaRA values of ``model``; mix it in before
+    a ``torch.optim.Optimizer`` subclass taking ``(params, lr=, weight_decay=, **kwargs)``.
 
     ``optimizer = SaRAAdamW(model, lr=1e-4, threshold=1e-3, rank_weight=1e-4, progressive_at=500)``
     then a plain loop (``loss.backward(); optimizer.step(); optimizer.zero_grad()``). Each ``step``
@@ -61,14 +69,14 @@ class SaRAAdamW(torch.optim.AdamW):
         progressive_at: int | None = None,
         weight_decay: float = 0.0,
         config: SaRAConfig | None = None,
-        **adamw_kwargs,
+        **optimizer_kwargs,
     ) -> None:
         check_hyperparameters(lr, weight_decay, rank_weight, rank_layers_per_step, progressive_at)
         if config is None:
             config = SaRAConfig(threshold=threshold, budget=budget)
         self.handle: SaRAHandle = inject(model, config)
         try:
-            super().__init__(list(self.handle.parameters()), lr=lr, weight_decay=weight_decay, **adamw_kwargs)
+            super().__init__(list(self.handle.parameters()), lr=lr, weight_decay=weight_decay, **optimizer_kwargs)
         except BaseException:
             self.handle.remove(merge=False)
             raise
@@ -97,8 +105,12 @@ class SaRAAdamW(torch.optim.AdamW):
                 group["weight_decay"] = decay
         self.steps_taken += 1
         if self.progressive_at is not None and self.steps_taken == self.progressive_at:
-            self.handle.reselect(self)
+            self.reselect()
         return loss
+
+    def reselect(self) -> None:
+        """The progressive step (``SaRAHandle.reselect``), moving this optimizer's state along."""
+        self.handle.reselect(self)
 
     def state_dict(self) -> dict[str, Any]:
         """torch's AdamW state (moments per value tensor, hyperparameters) plus ``"sara"``: the
@@ -123,12 +135,29 @@ class SaRAAdamW(torch.optim.AdamW):
 
     def _decay_updates(self) -> None:
         """``values <- base + (values - base) * (1 - lr * weight_decay)`` for every group with decay."""
-        base_of = {id(update.values): update.base_values for update in self.handle.layers.values()}
+        update_of = {id(update.values): update for update in self.handle.layers.values()}
         for group in self.param_groups:
             decay = group["weight_decay"] * group["lr"]
             if not decay:
                 continue
             for values in group["params"]:
-                base = base_of.get(id(values))
-                if base is not None:
-                    values.sub_(decay * (values - base.to(values.dtype)))
+                update = update_of.get(id(values))
+                if update is not None:
+                    values.sub_(decay * update.delta_values().to(values.dtype))
+
+
+class SaRAAdamW(SaRAOptimizer, torch.optim.AdamW):
+    """``SaRAOptimizer`` on torch's AdamW: fp32 moments, 8 bytes per trainable entry."""
+
+
+def sara_optimizer_class(moments: str) -> type[SaRAOptimizer]:
+    """The SaRA optimizer keeping Adam's moments as ``moments`` (one of ``MOMENTS``)."""
+    if moments == "fp32":
+        return SaRAAdamW
+    if moments == "8bit":
+        try:
+            from .optim8bit import SaRAAdamW8bit
+        except ImportError as error:
+            raise SaRAError(f"8-bit optimizer moments need bitsandbytes ({error}); pip install bitsandbytes") from None
+        return SaRAAdamW8bit
+    raise SaRAError(f"optimizer moments must be one of {', '.join(MOMENTS)}, got {moments!r}")

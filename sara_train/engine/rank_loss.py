@@ -19,6 +19,7 @@ import warnings
 
 import torch
 
+from .positions import matrix_shape
 from .sparse import SparseUpdate
 
 FLOAT64_UP_TO = 1 << 22
@@ -39,13 +40,6 @@ def dense_update(update: SparseUpdate, dtype: torch.dtype = torch.float32) -> to
     indices, deltas = update.sparse_delta()
     dense[indices] = deltas.to(dtype)
     return dense.view(rows, cols)
-
-
-def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
-    """2-D view of a weight: ``(out, in * kernel...)``; a 1-D tensor is one row."""
-    if len(shape) <= 1:
-        return 1, math.prod(shape)
-    return shape[0], math.prod(shape[1:])
 
 
 def nuclear_norm_and_grad(update: SparseUpdate) -> tuple[torch.Tensor, torch.Tensor]:

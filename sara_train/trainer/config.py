@@ -23,6 +23,7 @@ import torch
 
 from ..engine.delta import DTYPES
 from ..engine.errors import SaRAError
+from ..engine.optim import MOMENTS
 from .timesteps import TIMESTEP_SAMPLINGS
 from .tracking import TRACKERS
 
@@ -84,6 +85,19 @@ class LoopConfig:
     )
     gradient_checkpointing: bool = option(
         False, "Recompute activations in backward (less memory, more time per step).", "optimisation"
+    )
+    optimizer_moments: str = option(
+        "fp32",
+        "Adam's moments in fp32 (8 bytes per trained entry, exact) or 8bit (2 bytes, block-wise "
+        "quantized; needs bitsandbytes).",
+        "optimisation",
+        MOMENTS,
+    )
+    offload_base: bool = option(
+        False,
+        "Keep the pretrained values of the trained entries in CPU memory, not on the GPU (4 bytes per "
+        "entry for fp32 weights, 2 for bf16; ΔP is formed by copying them over). No effect on a CPU.",
+        "optimisation",
     )
     # -- SaRA
     budget: float | None = option(

@@ -38,7 +38,7 @@ from ..engine.ema import SparseEMA
 from ..engine.errors import SaRAError
 from ..engine.files import atomic_output, check_writable_folder, read_safetensors_header
 from ..engine.handle import SaRAHandle
-from ..engine.optim import SaRAAdamW
+from ..engine.optim import SaRAOptimizer, sara_optimizer_class
 from ..plots.loss import plot_loss
 from .config import LoopConfig
 from .interrupts import Interrupted, StopSignals
@@ -292,8 +292,9 @@ def run_training(
                 budget=config.budget,
                 include=list(config.include),
                 exclude=list(config.exclude),
+                base_device="cpu" if config.offload_base and device.type != "cpu" else None,
             )
-            optimizer = SaRAAdamW(
+            optimizer = sara_optimizer_class(config.optimizer_moments)(
                 model,
                 lr=config.learning_rate,
                 config=selection,
@@ -334,7 +335,7 @@ class TrainingRun:
         examples: Sequence[TrainingExample],
         config: LoopConfig,
         folder: RunFolder,
-        optimizer: SaRAAdamW,
+        optimizer: SaRAOptimizer,
         signals: StopSignals,
         metadata: dict[str, str],
         convert_delta: Callable[[SparseDelta], SparseDelta] | None,
@@ -673,7 +674,7 @@ def save_state(
     folder: RunFolder,
     step: int,
     config: LoopConfig,
-    optimizer: SaRAAdamW,
+    optimizer: SaRAOptimizer,
     noise_generator: torch.Generator,
     scaler: torch.amp.GradScaler | None,
     distributed: Distributed,
@@ -730,7 +731,7 @@ def read_state(path: Path) -> tuple[dict, dict[str, str]]:
 def resume_from(
     folder: RunFolder,
     config: LoopConfig,
-    optimizer: SaRAAdamW,
+    optimizer: SaRAOptimizer,
     noise_generator: torch.Generator,
     scaler: torch.amp.GradScaler | None,
     distributed: Distributed,

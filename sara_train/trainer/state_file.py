@@ -27,12 +27,14 @@ def save_state_file(path: Path, state: Any, metadata: dict[str, str]) -> None:
     """Write ``state`` (nested dicts/lists of tensors and plain values) and ``metadata`` (strings)
     to ``path`` atomically."""
     tensors: dict[str, torch.Tensor] = {}
+    names: dict[int, str] = {}  # a tensor held twice (e.g. a code book every state shares) is stored once
 
     def encode(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
-            name = f"t{len(tensors)}"
-            tensors[name] = value.detach().cpu().contiguous()
-            return {"tensor": name}
+            if id(value) not in names:
+                names[id(value)] = f"t{len(tensors)}"
+                tensors[names[id(value)]] = value.detach().cpu().contiguous()
+            return {"tensor": names[id(value)]}
         if isinstance(value, dict):
             return {"dict": [[key, encode(item)] for key, item in value.items()]}
         if isinstance(value, (list, tuple)):
