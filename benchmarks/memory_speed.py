@@ -16,7 +16,8 @@ or adapter weights, optimizer state, SaRA's positions and pretrained values), gr
 counted, divided by the trainable count; split into the compute device and elsewhere (SaRA's
 pretrained values with ``base_device="cpu"``: on a CPU-only run that is the same memory).
 ``sara`` is SaRA with fp32 AdamW; ``sara_8bit`` with 8-bit moments and, on a GPU, the pretrained
-values in CPU memory. ``lora_bf16`` is LoRA with its adapters in the model's dtype (with
+values in CPU memory; ``sara_low_res`` leaves the full-resolution layers out (the same count trains
+on the others). ``lora_bf16`` is LoRA with its adapters in the model's dtype (with
 ``--dtype bf16``; ``lora`` keeps peft's fp32 adapters).
 """
 
@@ -37,7 +38,7 @@ from torch import nn
 from sara_train.evidence.methods import lora_rank_for
 
 SETTINGS = {"cpu": (2, 32), "realistic": (4, 64)}
-METHODS = ["floor", "sara", "sara_8bit", "lora", "lora_bf16", "supertuning", "masked_dense", "full"]
+METHODS = ["floor", "sara", "sara_8bit", "sara_low_res", "lora", "lora_bf16", "supertuning", "masked_dense", "full"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TRAINABLE = 50_000_000
 
@@ -68,11 +69,13 @@ def setup(
     if method == "full":
         unet.requires_grad_(True)
         return list(unet.parameters()), no_extra, None, None
-    if method in ("sara", "sara_8bit"):
+    if method in ("sara", "sara_8bit", "sara_low_res"):
         from sara_train.engine.optim import sara_optimizer_class
+        from sara_train.families.sd_unet import full_resolution_modules
 
         base_device = "cpu" if method == "sara_8bit" and device != "cpu" else None
-        config = sara_train.SaRAConfig(budget=TRAINABLE, base_device=base_device)
+        exclude = full_resolution_modules(unet.config) if method == "sara_low_res" else []
+        config = sara_train.SaRAConfig(budget=TRAINABLE, base_device=base_device, exclude=exclude)
         optimizer = sara_optimizer_class("8bit" if method == "sara_8bit" else "fp32")(unet, lr=1e-5, config=config)
         handle = optimizer.handle
         tensors = lambda: [t for update in handle.layers.values() for t in (*update.buffers(), update.values)]
@@ -80,7 +83,7 @@ def setup(
             list(handle.parameters()),
             lambda: 1e-4 * handle.rank_loss(rank_layers_per_step),
             optimizer,
-            lambda: state_bytes([*tensors(), *optimizer_state(optimizer)], device),
+            lambda: (*state_bytes([*tensors(), *optimizer_state(optimizer)], device), sara_breakdown(optimizer)),
         )
     if method == "masked_dense":
         from sara_train.engine.selection import find_targets, select_entries
@@ -116,7 +119,25 @@ def setup(
         for param in params:
             param.data = param.data.to(next(unet.parameters()).dtype)
     optimizer = torch.optim.AdamW(params, lr=1e-5)
-    return params, no_extra, optimizer, lambda: state_bytes([*params, *optimizer_state(optimizer)], device)
+    return params, no_extra, optimizer, lambda: (*state_bytes([*params, *optimizer_state(optimizer)], device), {})
+
+
+def sara_breakdown(optimizer) -> dict[str, int]:
+    """Bytes of SaRA's state by what it holds."""
+    roles = {
+        "values": ("values",),
+        "positions": ("columns", "row_starts"),
+        "pretrained values": ("base_values", "frozen_base"),
+    }
+    parts = dict.fromkeys([*roles, "Adam moments", "other"], 0)
+    for update in optimizer.handle.layers.values():
+        for name, tensor in [*update.named_buffers(), ("values", update.values)]:
+            role = next((role for role, names in roles.items() if name in names), "other")
+            parts[role] += tensor.numel() * tensor.element_size()
+    parts["Adam moments"] = sum(
+        t.numel() * t.element_size() for t in {id(t): t for t in optimizer_state(optimizer)}.values()
+    )
+    return parts
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -181,11 +202,12 @@ def worker(method: str, args: argparse.Namespace) -> dict:
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else peak_rss_bytes()
     trainable = sum(p.numel() for p in params)
-    on_device, elsewhere = measure_state() if measure_state else (None, None)
+    on_device, elsewhere, breakdown = measure_state() if measure_state else (None, None, {})
     return {
         "method": method,
         "trainable": trainable,
         "state_per_entry": (on_device / trainable, elsewhere / trainable) if on_device and trainable else None,
+        "state_breakdown": {role: size / trainable for role, size in breakdown.items()},
         "peak_bytes": peak,
         "step_s": statistics.median(times[1:]),
         "rank_loss_s": statistics.median(extra_times[1:]),
@@ -241,6 +263,10 @@ def print_table(results: dict, args) -> None:
             f"| {method} | {r['trainable'] / 1e6:.1f}M | {state} | {r['peak_bytes'] / gib:.2f} | {overhead} "
             f"| {r['step_s']:.2f} |"
         )
+    for method, r in results.items():
+        if r["state_breakdown"]:
+            parts = ", ".join(f"{role} {size:.2f}" for role, size in r["state_breakdown"].items())
+            print(f"{method} state, bytes per trainable entry: {parts}")
     if "sara" in results:
         sara = results["sara"]
         print(

@@ -51,7 +51,16 @@ from sara_train.plots.persistence import plot_persistence
 from sara_train.plots.tradeoff import Point, plot_tradeoff
 
 TABLE_1_METHODS = ("sara", "lora", "supertuning", "full")
-ABLATION_METHODS = ("sara", "sara_no_progressive", "sara_no_rank", "sara_neither", "largest", "random")
+ABLATION_METHODS = (
+    "sara",
+    "sara_no_progressive",
+    "sara_no_rank",
+    "sara_neither",
+    "largest",
+    "random",
+    "sara_8bit",
+    "sara_low_res",
+)
 SWEEP_METHODS = ("sara", "lora", "supertuning", "full", "largest", "random")
 SWEEP_RATES = {"full": (3e-5, 1e-4, 3e-4, 1e-3)}
 DEFAULT_SWEEP_RATES = (3e-4, 1e-3, 3e-3, 1e-2)

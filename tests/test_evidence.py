@@ -133,14 +133,15 @@ def test_methods_train_equal_budgets_on_identical_draws() -> None:
     font = TARGET_FONTS["times italic"]
     glyphs = render_glyphs(font, list(FINETUNE_CHARACTERS[:6]))
     losses, counts = {}, {}
-    for name in ("sara", "largest", "random", "lora", "supertuning", "full"):
+    for name in ("sara", "largest", "random", "sara_8bit", "sara_low_res", "lora", "supertuning", "full"):
         model = load_glyph_model()
         with torch.no_grad():
             prompts = model.encode_prompts([f"the letter {c}, {font.style}" for c in FINETUNE_CHARACTERS[:6]])
         optimizer, counts[name] = make_trainable(METHODS[name], model.unet, 0.01, 0.0, steps=2, seed=0)
         losses[name] = train_denoising(model, glyphs, prompts, optimizer, 2, 3, torch.Generator().manual_seed(7))
     budget = round(0.01 * targeted_entries(load_glyph_model().unet))
-    assert counts["sara"] == counts["largest"] == counts["random"] == budget
+    assert counts["sara"] == counts["largest"] == counts["random"] == counts["sara_8bit"] == budget
+    assert counts["sara_low_res"] == budget  # the same count, on the other layers
     assert abs(counts["supertuning"] - budget) / budget < 0.01
     assert abs(counts["lora"] - budget) / budget < 0.5  # the nearest whole rank
     assert counts["full"] == sum(p.numel() for p in load_glyph_model().unet.parameters())
@@ -154,7 +155,7 @@ def test_quick_evidence_run_writes_every_table(tmp_path: Path) -> None:
     completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert completed.returncode == 0, completed.stderr[-3000:]
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert len(records) == 4 + 4 + 5  # sweep, Table 1, Table 2 (SaRA's row shared with Table 1)
+    assert len(records) == 4 + 4 + 7  # sweep, Table 1, Table 2 (SaRA's row shared with Table 1)
     for entry in records:
         assert all(math.isfinite(entry[key]) for key in ("frechet", "pixel", "accuracy", "drift", "loss"))
         assert 0.0 <= entry["accuracy"] <= 1.0 and entry["trainable"] > 0

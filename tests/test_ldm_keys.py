@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -16,6 +18,7 @@ from sara_train.families.sd_unet import (
     delta_to_diffusers_keys,
     delta_to_ldm_keys,
     diffusers_to_ldm_unet_keys,
+    full_resolution_modules,
     ldm_to_diffusers_unet_keys,
     unet_key_naming,
     unet_layout_from_diffusers_keys,
@@ -221,3 +224,34 @@ def test_a_diffusers_delta_never_lands_in_a_checkpoints_vae(trained_delta):
         "model.diffusion_model.input_blocks.0.0.weight",
         "model.diffusion_model.out.2.weight",
     }
+
+
+@pytest.mark.parametrize("make_unet", [deep_unet, tiny_unet], ids=["three levels", "two levels"])
+def test_full_resolution_modules_are_the_layers_producing_full_resolution_maps(make_unet) -> None:
+    """The preset's regexes pick out exactly the convolutions whose output has the latent's height and
+    width (found by running the UNet), plus the linear layers of those blocks; nothing else."""
+    unet = make_unet()
+    latent = 16
+    full_resolution: set[str] = set()
+
+    def record(name: str, output: torch.Tensor) -> None:
+        if output.shape[-1] == latent:
+            full_resolution.add(name)
+
+    hooks = [
+        module.register_forward_hook(lambda module, args, output, name=name: record(name, output))
+        for name, module in unet.named_modules()
+        if isinstance(module, torch.nn.Conv2d)
+    ]
+    unet(torch.randn(1, 4, latent, latent), 10, torch.randn(1, 77, unet.config.cross_attention_dim))
+    for hook in hooks:
+        hook.remove()
+    patterns = full_resolution_modules(unet.config)
+    excluded = {name for name, _ in unet.named_modules() if any(re.search(p, name) for p in patterns)}
+    convolutions = {name for name, m in unet.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert excluded & convolutions == full_resolution
+    linears = {name for name, m in unet.named_modules() if isinstance(m, torch.nn.Linear)}
+    blocks = {conv.rsplit(".", 1)[0] for conv in full_resolution}  # e.g. down_blocks.0.resnets.0
+    assert excluded & linears == {name for name in linears if any(name.startswith(f"{b}.") for b in blocks)}
+    handle = inject(unet, SaRAConfig(budget=0.05, exclude=patterns))
+    assert handle.num_trainable > 0 and not any(name.rsplit(".", 1)[0] in excluded for name in handle.layers)

@@ -13,6 +13,7 @@ from .errors import SaRAError
 
 DEFAULT_BUDGET = 0.05
 SELECTIONS = ("smallest", "largest", "random")
+WEIGHT_GRADIENTS = ("auto", "dense")
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.LayerNorm,
     nn.GroupNorm,
@@ -64,6 +65,12 @@ class SaRAConfig:
     precision for bf16/fp16). A dtype: the stored weights are never written; each forward uses a
     copy in this dtype with the trained values in place (for weights stored in fp8, or whenever the
     update must not be rounded to the storage dtype). See ``sara_train.engine.sparse``."""
+    weight_gradient: str = "auto"
+    """How the selected entries' gradient is formed. ``"dense"``: each layer's usual weight gradient,
+    gathered (bit-identical to dense training masked to the entries). ``"auto"``: on a CPU, Linear
+    and Conv2d layers choose per call between that and a sampled product at the entries only,
+    whichever is faster for the shapes (``sara_train.engine.layer_gradient``; equal to fp32 rounding).
+    Elsewhere (a GPU) ``"auto"`` is ``"dense"``."""
     base_device: str | None = None
     """None: the pretrained values of the trained entries stay with the model. A device (``"cpu"``):
     they are kept there, off the compute device (4 bytes per entry for fp32 weights, 2 for bf16),
@@ -95,6 +102,10 @@ class SaRAConfig:
             )
         if not self.values_dtype.is_floating_point:
             raise SaRAError(f"SaRAConfig: values_dtype must be a float dtype, got {self.values_dtype}")
+        if self.weight_gradient not in WEIGHT_GRADIENTS:
+            raise SaRAError(
+                f"SaRAConfig: weight_gradient must be one of {WEIGHT_GRADIENTS}, got {self.weight_gradient!r}"
+            )
         if self.base_device is not None:
             try:
                 torch.device(self.base_device)

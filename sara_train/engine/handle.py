@@ -17,6 +17,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from .config import SaRAConfig
 from .delta import LayerDelta, SparseDelta
 from .errors import SaRAError
+from .layer_gradient import layer_geometry
 from .rank_loss import nuclear_norm, nuclear_norm_and_grad
 from .selection import Target, find_targets, select_entries
 from .sparse import SparseUpdate
@@ -48,6 +49,7 @@ def inject(model: nn.Module, config: SaRAConfig | None = None) -> SaRAHandle:
         for target in targets:
             if target.name not in flat_indices:
                 continue
+            geometry = layer_geometry(target.module, target.param_name) if config.weight_gradient == "auto" else None
             update = SparseUpdate(
                 weights[target.name],
                 flat_indices[target.name],
@@ -55,6 +57,7 @@ def inject(model: nn.Module, config: SaRAConfig | None = None) -> SaRAHandle:
                 config.probe_size,
                 config.overlay_dtype,
                 config.base_device,
+                geometry,
             )
             parametrize.register_parametrization(target.module, target.param_name, update, unsafe=True)
             handle.add_layer(target, update)
@@ -85,14 +88,21 @@ class SaRAHandle:
         self._rank_cursor = 0
         self._pending_swaps: dict[int, tuple[nn.Parameter, nn.Parameter, torch.Tensor]] = {}
         self._step_hook = None
+        self._layer_hooks: list[torch.utils.hooks.RemovableHandle] = []
         self.removed = False
         self.num_targeted = num_targeted
         """Entries of all targeted weights (the denominator of a fractional budget)."""
 
     def add_layer(self, target: Target, update: SparseUpdate) -> None:
-        """Record a weight that ``inject`` has just parametrized with ``update``."""
+        """Record a weight that ``inject`` has just parametrized with ``update`` (and hook its module's
+        output when ``update`` may take its gradient from the layer)."""
         self._targets[target.name] = target
         self.layers[target.name] = update
+        if update.geometry is not None:
+            hook = target.module.register_forward_hook(
+                lambda module, args, output: update.attach_layer_gradient(args[0], output)
+            )
+            self._layer_hooks.append(hook)
 
     # ----------------------------------------------------------------- parameters
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -280,6 +290,8 @@ class SaRAHandle:
             param.requires_grad_(self._requires_grad.get(name, param.requires_grad))
         if self._step_hook is not None:
             self._step_hook.remove()
+        for hook in self._layer_hooks:
+            hook.remove()
         self.layers = {}
         self.removed = True
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from . import positions
 from .errors import SaRAError
+from .layer_gradient import LayerGeometry, LayerWeightGradient
 
 
 class _SparseWeight(torch.autograd.Function):
@@ -110,6 +111,9 @@ class SparseUpdate(nn.Module):
     ``overlay_dtype``: None for the in-place mode, else the dtype of the overlay copy (module docstring).
     ``base_device``: None keeps the pretrained values with the rest; a device keeps them there
     (``module.to()`` leaves them), e.g. the CPU while training on a GPU.
+    ``geometry``: set for a Linear/Conv2d weight whose gradient may come from the layer path
+    (``sara_train.engine.layer_gradient``): on a CPU the forward then hands the layer a weight
+    without gradient and the module's forward hook calls ``attach_layer_gradient``.
 
     ``state_dict()`` / ``load_state_dict()`` carry all of them, the positions as ``flat_indices``
     int32 [k]; loading accepts other sizes (a state saved after a progressive step) and resizes the
@@ -126,9 +130,12 @@ class SparseUpdate(nn.Module):
         probe_size: int = 4,
         overlay_dtype: torch.dtype | None = None,
         base_device: torch.device | str | None = None,
+        geometry: LayerGeometry | None = None,
     ) -> None:
         super().__init__()
         self.overlay_dtype = overlay_dtype
+        self.geometry = geometry
+        self._layer_gradient_pending = False
         self.base_device = None if base_device is None else torch.device(base_device)
         if not weight.is_contiguous():
             raise SaRAError(
@@ -172,12 +179,32 @@ class SparseUpdate(nn.Module):
             self._buffers.update(kept)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        self._layer_gradient_pending = (
+            self.geometry is not None
+            and weight.device.type == "cpu"
+            and torch.is_grad_enabled()
+            and self.values.requires_grad
+            and self.values.numel() > 0
+        )
         if self.overlay_dtype is not None:
-            return _SparseOverlay.apply(self.values, weight, self, self.overlay_dtype)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self._layer_gradient_pending):
+                return _SparseOverlay.apply(self.values, weight, self, self.overlay_dtype)
         if self.values.numel() == 0:
             return weight  # nothing trainable left: no weight gradient is computed at all
         self.write_values_into(weight)
+        if self._layer_gradient_pending:
+            return weight  # frozen: the layer forms no weight gradient; attach_layer_gradient does
         return _SparseWeight.apply(self.values, weight, self)
+
+    def attach_layer_gradient(self, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """The layer's output, carrying the gradient of ``values`` (``LayerWeightGradient``) if this
+        forward handed the layer a weight without one; else ``output`` itself."""
+        if not self._layer_gradient_pending:
+            return output
+        self._layer_gradient_pending = False
+        return LayerWeightGradient.apply(
+            output, inputs, self.values, self.columns, self.row_starts, self.shape, self.geometry
+        )
 
     @torch.no_grad()
     def write_values_into(self, weight: torch.Tensor) -> None:

@@ -2,7 +2,8 @@
 
 ``budget`` is a fraction of the entries SaRA targets (every Linear and Conv weight). SaRA and its
 ablations use the engine (``SaRAAdamW``); LoRA and Super-Tuning are peft's (``pip install peft``,
-the ``bench`` extra); full fine-tuning trains every parameter with AdamW.
+the ``bench`` extra); full fine-tuning trains every parameter with AdamW. ``sara_8bit`` needs
+bitsandbytes (the ``lowmem`` extra).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import torch
 from torch import nn
 
 from ..engine.config import SaRAConfig
-from ..engine.optim import SaRAAdamW
+from ..engine.optim import sara_optimizer_class
 from ..engine.selection import budget_to_count, find_targets
+from ..families.sd_unet import full_resolution_modules
 
 RANK_WEIGHT = 1e-4
 """The nuclear-norm weight of the SaRA variants that use it (the demo's and CLI's default)."""
@@ -25,7 +27,9 @@ RANK_LAYERS_PER_STEP = 8
 class Method:
     """One way to fine-tune. ``kind`` is "sara", "lora", "supertuning" or "full"; for "sara",
     ``selection`` (see ``SaRAConfig.selection``), ``rank_loss`` and ``progressive`` say which parts
-    of SaRA are on. ``label`` names it in tables."""
+    of SaRA are on, ``moments`` how Adam keeps its moments (``MOMENTS``) and ``low_resolution_only``
+    whether the full-resolution layers are left out (the same trainable count goes to the others).
+    ``label`` names it in tables."""
 
     name: str
     label: str
@@ -33,6 +37,8 @@ class Method:
     selection: str = "smallest"
     rank_loss: bool = False
     progressive: bool = False
+    moments: str = "fp32"
+    low_resolution_only: bool = False
 
     @property
     def budgeted(self) -> bool:
@@ -51,6 +57,15 @@ METHODS: dict[str, Method] = {
         Method("sara_neither", "SaRA w/o both (smallest-magnitude only)", "sara"),
         Method("largest", "largest-magnitude entries (+ rank loss)", "sara", selection="largest", rank_loss=True),
         Method("random", "random entries (+ rank loss)", "sara", selection="random", rank_loss=True),
+        Method("sara_8bit", "SaRA, 8-bit Adam moments", "sara", rank_loss=True, progressive=True, moments="8bit"),
+        Method(
+            "sara_low_res",
+            "SaRA without the full-resolution layers",
+            "sara",
+            rank_loss=True,
+            progressive=True,
+            low_resolution_only=True,
+        ),
     )
 }
 """Every method, by name. ``largest`` and ``random`` keep the rank loss but have no progressive
@@ -89,13 +104,16 @@ def make_trainable(
         parameters = list(unet.parameters())
         return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0), sum(p.numel() for p in parameters)
     if method.kind == "sara":
-        optimizer = SaRAAdamW(
+        exclude = full_resolution_modules(unet.config) if method.low_resolution_only else []
+        quantize_all = {"min_8bit_size": 0} if method.moments == "8bit" else {}  # the small layers' moments too
+        optimizer = sara_optimizer_class(method.moments)(
             unet,
             lr=learning_rate,
-            config=SaRAConfig(budget=count, selection=method.selection, selection_seed=seed),
+            config=SaRAConfig(budget=count, selection=method.selection, selection_seed=seed, exclude=exclude),
             rank_weight=RANK_WEIGHT if method.rank_loss else 0.0,
             rank_layers_per_step=RANK_LAYERS_PER_STEP,
             progressive_at=max(1, steps // 2) if method.progressive else None,
+            **quantize_all,
         )
         return optimizer, optimizer.handle.num_trainable
     from peft import LoraConfig, SupertuningConfig, inject_adapter_in_model
