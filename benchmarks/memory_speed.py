@@ -15,9 +15,10 @@ State per trainable entry: the bytes of every tensor a method keeps for its trai
 or adapter weights, optimizer state, SaRA's positions and pretrained values), gradients not
 counted, divided by the trainable count; split into the compute device and elsewhere (SaRA's
 pretrained values with ``base_device="cpu"``: on a CPU-only run that is the same memory).
-``sara`` is SaRA with fp32 AdamW; ``sara_8bit`` with 8-bit moments and, on a GPU, the pretrained
-values in CPU memory; ``sara_low_res`` leaves the full-resolution layers out (the same count trains
-on the others). ``lora_bf16`` is LoRA with its adapters in the model's dtype (with
+``sara`` is SaRA with fp32 AdamW; ``sara_dense`` the same with ``weight_gradient="dense"`` (every
+layer's dense weight gradient, gathered; no difference on a GPU); ``sara_8bit`` with 8-bit moments
+and, on a GPU, the pretrained values in CPU memory; ``sara_low_res`` leaves the full-resolution
+layers out (the same count trains on the others). ``lora_bf16`` is LoRA with its adapters in the model's dtype (with
 ``--dtype bf16``; ``lora`` keeps peft's fp32 adapters).
 """
 
@@ -38,7 +39,18 @@ from torch import nn
 from sara_train.evidence.methods import lora_rank_for
 
 SETTINGS = {"cpu": (2, 32), "realistic": (4, 64)}
-METHODS = ["floor", "sara", "sara_8bit", "sara_low_res", "lora", "lora_bf16", "supertuning", "masked_dense", "full"]
+METHODS = [
+    "floor",
+    "sara",
+    "sara_dense",
+    "sara_8bit",
+    "sara_low_res",
+    "lora",
+    "lora_bf16",
+    "supertuning",
+    "masked_dense",
+    "full",
+]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TRAINABLE = 50_000_000
 
@@ -65,17 +77,20 @@ def setup(
     unet.requires_grad_(False)
     no_extra = lambda: 0.0
     if method == "floor":
-        return [], no_extra, None, lambda: (0, 0)
+        return [], no_extra, None, lambda: (0, 0, {})
     if method == "full":
         unet.requires_grad_(True)
         return list(unet.parameters()), no_extra, None, None
-    if method in ("sara", "sara_8bit", "sara_low_res"):
+    if method in ("sara", "sara_dense", "sara_8bit", "sara_low_res"):
         from sara_train.engine.optim import sara_optimizer_class
         from sara_train.families.sd_unet import full_resolution_modules
 
         base_device = "cpu" if method == "sara_8bit" and device != "cpu" else None
         exclude = full_resolution_modules(unet.config) if method == "sara_low_res" else []
-        config = sara_train.SaRAConfig(budget=TRAINABLE, base_device=base_device, exclude=exclude)
+        weight_gradient = "dense" if method == "sara_dense" else "auto"
+        config = sara_train.SaRAConfig(
+            budget=TRAINABLE, base_device=base_device, exclude=exclude, weight_gradient=weight_gradient
+        )
         optimizer = sara_optimizer_class("8bit" if method == "sara_8bit" else "fp32")(unet, lr=1e-5, config=config)
         handle = optimizer.handle
         tensors = lambda: [t for update in handle.layers.values() for t in (*update.buffers(), update.values)]

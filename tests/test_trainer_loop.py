@@ -1,5 +1,6 @@
 """The trainer loop on a real tiny diffusers UNet: it learns, logs, saves, and resumes bit-exactly."""
 
+import re
 import struct
 from dataclasses import replace
 from pathlib import Path
@@ -11,10 +12,19 @@ from PIL import Image
 from tiny_sd import TEXT_WIDTH, tiny_unet
 
 from sara_train import SparseDelta
+from sara_train.engine.config import SaRAConfig
 from sara_train.engine.errors import SaRAError
+from sara_train.engine.selection import budget_to_count, find_targets
+from sara_train.families.sd_unet import full_resolution_modules
 from sara_train.trainer.config import LoopConfig
 from sara_train.trainer.logs import ValidationRow, read_loss_log, read_rows
-from sara_train.trainer.loop import Distributed, learning_rate_at, micro_batch_loss, run_training
+from sara_train.trainer.loop import (
+    Distributed,
+    full_resolution_exclusions,
+    learning_rate_at,
+    micro_batch_loss,
+    run_training,
+)
 from sara_train.trainer.objective import DenoisingObjective
 from sara_train.trainer.types import PromptEmbedding, TrainingExample
 from sara_train.trainer.validation import validation_loss, validation_set
@@ -302,3 +312,22 @@ def test_ctrl_c_then_resume_is_bit_identical(tmp_path: Path, uninterrupted, inte
 def test_resume_without_state_is_explained(tmp_path: Path) -> None:
     with pytest.raises(SaRAError, match="no saved state"):
         train(make_config(tmp_path, resume=True))
+
+
+def test_skip_full_resolution_trains_the_budget_on_the_other_layers(tmp_path: Path) -> None:
+    full, _ = train(make_config(tmp_path / "all", steps=2))
+    skipped, _ = train(make_config(tmp_path / "skip", steps=2, skip_full_resolution=True))
+    unet = tiny_unet("sd15")  # the trained one is still injected
+    patterns = full_resolution_modules(unet.config)
+    every, fewer = SparseDelta.load(full.delta_path), SparseDelta.load(skipped.delta_path)
+    assert any(any(re.search(p, key.removesuffix(".weight")) for p in patterns) for key in every.layers)
+    assert not any(any(re.search(p, key.removesuffix(".weight")) for p in patterns) for key in fewer.layers)
+    remaining = find_targets(unet, SaRAConfig(exclude=patterns))
+    targeted = sum(getattr(t.module, t.param_name).numel() for t in remaining)
+    assert sum(layer.numel for layer in fewer.layers.values()) == budget_to_count(0.2, targeted)  # of the rest
+
+
+def test_skip_full_resolution_needs_a_unet(tmp_path: Path) -> None:
+    with pytest.raises(SaRAError, match="--skip-full-resolution applies to Stable Diffusion UNets"):
+        full_resolution_exclusions(torch.nn.Linear(2, 2), skip=True)
+    assert full_resolution_exclusions(torch.nn.Linear(2, 2), skip=False) == []

@@ -39,6 +39,7 @@ from ..engine.errors import SaRAError
 from ..engine.files import atomic_output, check_writable_folder, read_safetensors_header
 from ..engine.handle import SaRAHandle
 from ..engine.optim import SaRAOptimizer, sara_optimizer_class
+from ..families.sd_unet import full_resolution_modules
 from ..plots.loss import plot_loss
 from .config import LoopConfig
 from .interrupts import Interrupted, StopSignals
@@ -236,6 +237,18 @@ def check_run_folder(folder: RunFolder, resume: bool) -> None:
         )
 
 
+def full_resolution_exclusions(model: nn.Module, skip: bool) -> list[str]:
+    """``full_resolution_modules`` of ``model`` when ``skip`` (a UNet's only); else none."""
+    if not skip:
+        return []
+    if "up_block_types" not in getattr(model, "config", {}):
+        raise SaRAError(
+            "--skip-full-resolution applies to Stable Diffusion UNets (SD1.x, SD2.x, SDXL); "
+            f"a {type(model).__name__} has no resolution levels"
+        )
+    return full_resolution_modules(model.config)
+
+
 def run_training(
     model: nn.Module,
     objective: Objective | Any,
@@ -291,7 +304,7 @@ def run_training(
                 threshold=config.threshold,
                 budget=config.budget,
                 include=list(config.include),
-                exclude=list(config.exclude),
+                exclude=list(config.exclude) + full_resolution_exclusions(model, config.skip_full_resolution),
                 base_device="cpu" if config.offload_base and device.type != "cpu" else None,
             )
             optimizer = sara_optimizer_class(config.optimizer_moments)(
