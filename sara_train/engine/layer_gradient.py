@@ -30,8 +30,10 @@ from torch.nn import functional
 from . import positions
 
 SAMPLED_LINEAR_DENSITY = 0.06
-"""A linear layer's selected entries are formed sampled up to this density (measured on SD1.5's
-linear shapes at 128 to 2048 rows: 0.17-0.98x the dense time at 5 %, 0.33-1.13x at 10 %)."""
+SAMPLED_LINEAR_ROWS = 4096
+"""A linear layer's selected entries are formed sampled up to this density and this many rows
+(measured on SD1.5's linear shapes at 5 %: 0.17-0.98x the dense time at 128 to 2048 rows,
+1.15-2.6x at 8192; at 10 %, 0.33-1.13x)."""
 SAMPLED_CONV_ROWS = 1024
 SAMPLED_CONV_DENSITY_ROWS = 40.0
 """A convolution's, with at most ``SAMPLED_CONV_ROWS`` rows (batch x output positions) and
@@ -72,7 +74,7 @@ def layer_geometry(module: nn.Module, param_name: str) -> LayerGeometry | None:
 def sampled_is_faster(geometry: LayerGeometry, rows: int, density: float) -> bool:
     """Whether the sampled product beats dense-then-gather for this call (see the module docstring)."""
     if geometry.kind == "linear":
-        return density <= SAMPLED_LINEAR_DENSITY
+        return density <= SAMPLED_LINEAR_DENSITY and rows <= SAMPLED_LINEAR_ROWS
     return rows <= SAMPLED_CONV_ROWS and density * rows <= SAMPLED_CONV_DENSITY_ROWS
 
 
