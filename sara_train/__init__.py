@@ -30,12 +30,14 @@ from .engine import (
     SaRAConfig,
     SaRAError,
     SaRAHandle,
+    SaRAOptimizer,
     SparseDelta,
     SparseEMA,
     apply_delta,
     fit_delta,
     inject,
     merge_checkpoint,
+    sara_optimizer_class,
 )
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "RestorePoint",
     "SaRAAdamW",
     "SaRAConfig",
+    "SaRAOptimizer",
     "SaRAError",
     "SaRAHandle",
     "SparseDelta",
@@ -55,5 +58,6 @@ __all__ = [
     "fit_delta",
     "inject",
     "merge_checkpoint",
+    "sara_optimizer_class",
 ]
 __version__ = "0.2.0"

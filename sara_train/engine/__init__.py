@@ -24,7 +24,7 @@ from .delta import DTYPES, DeltaSummary, LayerDelta, SparseDelta
 from .ema import SparseEMA
 from .errors import DeltaFormatError, DeltaMismatchError, SaRAError
 from .handle import SaRAHandle, inject
-from .optim import SaRAAdamW
+from .optim import SaRAAdamW, SaRAOptimizer, sara_optimizer_class
 
 __all__ = [
     "DTYPES",
@@ -37,6 +37,7 @@ __all__ = [
     "RestorePoint",
     "SaRAAdamW",
     "SaRAConfig",
+    "SaRAOptimizer",
     "SaRAError",
     "SaRAHandle",
     "SparseDelta",
@@ -45,5 +46,6 @@ __all__ = [
     "fit_delta",
     "inject",
     "merge_checkpoint",
+    "sara_optimizer_class",
     "register_naming",
 ]
