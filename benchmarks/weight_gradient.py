@@ -62,7 +62,7 @@ def selected(out_features: int, in_features: int, density: float) -> tuple[torch
     count = max(1, int(out_features * in_features * density))
     flat = torch.randperm(out_features * in_features)[:count].sort().values.to(torch.int32)
     columns, row_starts = positions.compress(flat, (out_features, in_features))
-    return flat, columns.to(torch.int32), row_starts
+    return flat, positions.column_indices(columns), row_starts
 
 
 def sampled(grad_out: torch.Tensor, inputs: torch.Tensor, columns: torch.Tensor, row_starts: torch.Tensor):

@@ -1,4 +1,5 @@
-"""The SaRA engine: torch + safetensors only, for any ``torch.nn.Module``.
+"""The SaRA engine: torch + safetensors only (bitsandbytes for the optional 8-bit moments), for any
+``torch.nn.Module``.
 
 config.py     SaRAConfig: which weights train, threshold or budget
 selection.py  targets and the exact budget -> sorted int32 flat indices

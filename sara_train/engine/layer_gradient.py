@@ -96,11 +96,12 @@ def sampled_product(
 ) -> torch.Tensor:
     """``(grad_rowsᵀ input_rows)`` at the CSR positions only, in their (row-major) order: fp32 [k]."""
     shape = (grad_rows.shape[1], input_rows.shape[1])
+    indices = positions.column_indices(columns)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
         warnings.filterwarnings("ignore", "Sparse invariant checks are implicitly disabled", UserWarning)
         layout = torch.sparse_csr_tensor(
-            row_starts, columns.to(torch.int32), torch.zeros(columns.numel(), device=columns.device), shape
+            row_starts, indices, torch.zeros(indices.numel(), device=indices.device), shape
         )
         product = torch.sparse.sampled_addmm(layout, grad_rows.T.contiguous(), input_rows.contiguous(), beta=0.0)
     return product.values()
@@ -118,7 +119,7 @@ def weight_gradient_at(
     of a weight of ``shape``), [k] in order: ``sampled_gradient_at`` or ``dense_gradient_at``,
     whichever ``sampled_is_faster`` picks for these shapes."""
     rows = grad_output.numel() // grad_output.shape[-1 if geometry.kind == "linear" else 1]
-    density = columns.numel() / max(1, torch.Size(shape).numel())
+    density = positions.column_indices(columns).numel() / max(1, torch.Size(shape).numel())
     if sampled_is_faster(geometry, rows, density):
         return sampled_gradient_at(geometry, grad_output, inputs, columns, row_starts)
     return dense_gradient_at(geometry, grad_output, inputs, columns, row_starts, shape)

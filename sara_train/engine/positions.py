@@ -1,10 +1,13 @@
 """Positions of the trained entries of one weight, kept row-compressed.
 
 A weight of shape ``(out, ...)`` is viewed as the matrix ``[rows, cols] = matrix_shape(shape)``.
-Its sorted flat positions ``p`` are stored as ``columns = p % cols`` (uint16 when ``cols <= 65536``,
-else int32) and ``row_starts`` int32 [rows + 1] (row ``r``'s entries are
-``columns[row_starts[r]:row_starts[r + 1]]``): about 2 bytes per entry instead of 4, exactly.
-``expand`` rebuilds the int32 flat positions for one layer at a time when a kernel needs them.
+Its sorted flat positions ``p`` are stored as ``columns`` (the column ``p % cols``: two bytes each,
+little-endian in a uint8 tensor of 2k bytes, when ``cols <= 65536``, else int32 [k];
+``column_indices`` reads them back) and ``row_starts`` int32 [rows + 1] (row ``r``'s entries are
+the ``row_starts[r]``-th to ``row_starts[r + 1]``-th): about 2 bytes per entry instead of 4, exactly.
+Bytes rather than a 16-bit dtype because collectives (gloo's broadcast of module buffers under DDP)
+take uint8 but neither uint16 nor int16. ``expand`` rebuilds the int32 flat positions for one layer
+at a time when a kernel needs them.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ import math
 
 import torch
 
-UINT16_COLUMNS = 1 << 16
-"""Matrices with at most this many columns store their column indices as uint16."""
+SHORT_COLUMNS = 1 << 16
+"""Matrices with at most this many columns store their column indices in two bytes."""
 
 
 def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -25,8 +28,16 @@ def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
 
 
 def column_dtype(shape: tuple[int, ...]) -> torch.dtype:
-    """uint16 where every column index of the 2-D view fits, else int32."""
-    return torch.uint16 if matrix_shape(shape)[1] <= UINT16_COLUMNS else torch.int32
+    """The stored columns' dtype: uint8 (two bytes each) where every column index of the 2-D view
+    fits 16 bits, else int32."""
+    return torch.uint8 if matrix_shape(shape)[1] <= SHORT_COLUMNS else torch.int32
+
+
+def column_indices(columns: torch.Tensor) -> torch.Tensor:
+    """The stored ``columns`` as int32 column indices [k]."""
+    if columns.dtype == torch.uint8:
+        return columns.view(torch.int16).to(torch.int32) & 0xFFFF
+    return columns
 
 
 def compress(flat_indices: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,12 +46,15 @@ def compress(flat_indices: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.
     flat = flat_indices.long()
     counts = torch.bincount(flat // cols, minlength=rows)
     row_starts = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
-    return (flat % cols).to(column_dtype(shape)), row_starts
+    columns = (flat % cols).to(torch.int32)
+    if column_dtype(shape) == torch.uint8:
+        columns = columns.to(torch.int16).view(torch.uint8)  # the low 16 bits, as bytes
+    return columns, row_starts
 
 
 def expand(columns: torch.Tensor, row_starts: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """``compress``'s inverse: the sorted int32 flat positions [k]."""
     rows, cols = matrix_shape(shape)
     row_offsets = torch.arange(rows, dtype=torch.int32, device=columns.device) * cols
-    counts = row_starts.diff()
-    return torch.repeat_interleave(row_offsets, counts, output_size=columns.numel()) + columns.to(torch.int32)
+    indices = column_indices(columns)
+    return torch.repeat_interleave(row_offsets, row_starts.diff(), output_size=indices.numel()) + indices
