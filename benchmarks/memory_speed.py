@@ -18,8 +18,8 @@ pretrained values with ``base_device="cpu"``: on a CPU-only run that is the same
 ``sara`` is SaRA with fp32 AdamW; ``sara_dense`` the same with ``weight_gradient="dense"`` (every
 layer's dense weight gradient, gathered; no difference on a GPU); ``sara_8bit`` with 8-bit moments
 and, on a GPU, the pretrained values in CPU memory; ``sara_low_res`` leaves the full-resolution
-layers out (the same count trains on the others). ``lora_bf16`` is LoRA with its adapters in the model's dtype (with
-``--dtype bf16``; ``lora`` keeps peft's fp32 adapters).
+layers out (the same count trains on the others). ``lora`` has fp32 adapters (cast: peft makes them in the base
+layer's dtype), ``lora_bf16`` its adapters in the model's dtype (bf16 with ``--dtype bf16``).
 """
 
 from __future__ import annotations
@@ -130,9 +130,9 @@ def setup(
         raise SystemExit(f"unknown method {method}")
     inject_adapter_in_model(config, unet)
     params = [p for p in unet.parameters() if p.requires_grad]
-    if method == "lora_bf16":
-        for param in params:
-            param.data = param.data.to(next(unet.parameters()).dtype)
+    adapter_dtype = next(unet.parameters()).dtype if method == "lora_bf16" else torch.float32
+    for param in params:  # peft makes adapters in the base layer's dtype
+        param.data = param.data.to(adapter_dtype)
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     return params, no_extra, optimizer, lambda: (*state_bytes([*params, *optimizer_state(optimizer)], device), {})
 
