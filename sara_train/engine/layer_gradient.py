@@ -119,7 +119,7 @@ def weight_gradient_at(
     of a weight of ``shape``), [k] in order: ``sampled_gradient_at`` or ``dense_gradient_at``,
     whichever ``sampled_is_faster`` picks for these shapes."""
     rows = grad_output.numel() // grad_output.shape[-1 if geometry.kind == "linear" else 1]
-    density = positions.column_indices(columns).numel() / max(1, torch.Size(shape).numel())
+    density = positions.entry_count(columns) / max(1, torch.Size(shape).numel())
     if sampled_is_faster(geometry, rows, density):
         return sampled_gradient_at(geometry, grad_output, inputs, columns, row_starts)
     return dense_gradient_at(geometry, grad_output, inputs, columns, row_starts, shape)

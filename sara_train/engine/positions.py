@@ -33,6 +33,11 @@ def column_dtype(shape: tuple[int, ...]) -> torch.dtype:
     return torch.uint8 if matrix_shape(shape)[1] <= SHORT_COLUMNS else torch.int32
 
 
+def entry_count(columns: torch.Tensor) -> int:
+    """How many entries the stored ``columns`` hold (without decoding them)."""
+    return columns.numel() // 2 if columns.dtype == torch.uint8 else columns.numel()
+
+
 def column_indices(columns: torch.Tensor) -> torch.Tensor:
     """The stored ``columns`` as int32 column indices [k]."""
     if columns.dtype == torch.uint8:
